@@ -1,0 +1,1 @@
+"""One module per step kind: each exposes run(spec, ctx) -> StepOutput."""

@@ -1,0 +1,208 @@
+"""Pieces every training kind shares: optimizer and schedule, the Lightning Trainer, resume, guards.
+
+The Trainer is built here once so that precision, devices, strategy, checkpointing, the NaN guard and
+the MLflow logger behave the same in pretrain, finetune, reward_model and dpo.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from functools import lru_cache
+from pathlib import Path
+from typing import Iterable
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
+from lightning.pytorch.loggers import MLFlowLogger
+
+from components.context import StepContext
+from schemas.base import OptimizerSpec, ScheduleSpec, TrainingStepSpec
+
+DEFAULT_STEPS = 100  # when a step gives neither max_steps nor max_tokens
+
+
+@lru_cache(maxsize=1)
+def cpu_has_fast_bf16() -> bool:
+    """AVX512-BF16 or AMX lets autocast run bf16 matmuls about 2x faster than fp32 on CPU."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(precision: str, accelerator: str = "auto") -> str:
+    """Map `auto` to the fastest safe precision on this hardware (bf16-mixed where it is fast)."""
+    if precision != "auto":
+        return precision
+    if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    return "bf16-mixed" if cpu_has_fast_bf16() else "32-true"
+
+
+def total_steps(spec: TrainingStepSpec, tokens_per_step: int) -> int:
+    """Optimizer steps implied by max_steps or max_tokens."""
+    if spec.max_steps is not None:
+        return spec.max_steps
+    if spec.max_tokens is not None:
+        return max(1, math.ceil(spec.max_tokens / max(tokens_per_step, 1)))
+    return DEFAULT_STEPS
+
+
+def lr_lambda(schedule: ScheduleSpec, peak_lr: float, steps: int):
+    """Linear warmup to the peak, then cosine/linear/constant decay to min_lr (as a multiplier)."""
+    floor = schedule.min_lr / peak_lr
+
+    def factor(step: int) -> float:
+        if step < schedule.warmup_steps:
+            return (step + 1) / (schedule.warmup_steps + 1)
+        if schedule.decay == "constant":
+            return 1.0
+        progress = min(1.0, (step - schedule.warmup_steps) / max(1, steps - schedule.warmup_steps))
+        shape = 0.5 * (1 + math.cos(math.pi * progress)) if schedule.decay == "cosine" else 1 - progress
+        return floor + (1 - floor) * shape
+
+    return factor
+
+
+def configure_optimizer(named_params: Iterable[tuple[str, torch.nn.Parameter]], optimizer: OptimizerSpec,
+                        schedule: ScheduleSpec, steps: int) -> dict:
+    """Optimizer (no weight decay on biases and norms, as in GPT-2/nanoGPT) with a per-step LR schedule."""
+    decay, no_decay = [], []
+    for name, p in named_params:
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
+    groups = [{"params": decay, "weight_decay": optimizer.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    if optimizer.name == "sgd":
+        opt = torch.optim.SGD(groups, lr=optimizer.lr, momentum=optimizer.momentum)
+    else:
+        cls = torch.optim.AdamW if optimizer.name == "adamw" else torch.optim.Adam
+        opt = cls(groups, lr=optimizer.lr, betas=optimizer.betas, eps=optimizer.eps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(schedule, optimizer.lr, steps))
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+class StepLogger(MLFlowLogger):
+    """Lightning's MLflow logger on the step's run. Hyperparameters are not logged here: the engine
+    already logged the step's settings as params, and MLflow refuses a param logged twice."""
+
+    def log_hyperparams(self, params) -> None:  # noqa: D102
+        return None
+
+    def finalize(self, status: str = "success") -> None:  # the engine ends the run, not Lightning
+        return None
+
+
+class NanGuard(Callback):
+    """Stop with a message naming the step and the global step when the loss is not finite."""
+
+    def __init__(self, step_name: str):
+        self.step_name = step_name
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if loss is not None and not torch.isfinite(torch.as_tensor(loss)).all():
+            raise FloatingPointError(f"step '{self.step_name}': loss became {float(loss)} at global step "
+                                     f"{trainer.global_step}; lower optimizer.lr, set grad_clip, or use "
+                                     "precision 32-true")
+
+
+class Throughput(Callback):
+    """Log tokens/s and achieved FLOP/s (6·N·tokens/s for training, Kaplan et al. 2020)."""
+
+    def __init__(self, params: int, every: int = 10):
+        self.params, self.every = params, every
+        self.tokens = 0
+        self.start = None
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        if self.start is None:
+            self.start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        self.tokens += int(getattr(module, "tokens_in_batch", 0)) * trainer.world_size
+        elapsed = time.perf_counter() - (self.start or time.perf_counter())
+        if trainer.global_step % self.every == 0 and elapsed > 0 and self.tokens:
+            rate = self.tokens / elapsed
+            module.log_dict({"perf/tokens_per_s": rate, "perf/flops_per_s": 6 * self.params * rate},
+                            rank_zero_only=True)
+
+
+class PrintProgress(Callback):
+    """Progress lines for logs and CI, where a live progress bar would only add noise."""
+
+    def __init__(self, step_name: str, total: int, every: int | None = None):
+        self.step_name, self.total = step_name, total
+        self.every = every or max(1, total // 10)
+        self.start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if trainer.is_global_zero and (step % self.every == 0 or step == self.total) and \
+                getattr(self, "_last", None) != step:
+            self._last = step
+            m = trainer.callback_metrics
+            shown = " ".join(f"{k}={float(v):.4g}" for k, v in m.items() if k in ("train/loss", "val/loss"))
+            print(f"{self.step_name}: step {step}/{self.total} {shown} ({time.perf_counter() - self.start:.0f}s)",
+                  flush=True)
+
+
+def make_trainer(ctx: StepContext, spec: TrainingStepSpec, steps: int, params: int = 0,
+                 callbacks: list[Callback] | None = None, validate: bool = True) -> L.Trainer:
+    """A Trainer wired to the step: precision, devices, checkpoints in ctx.ckpt_dir, MLflow logging."""
+    ctx.ckpt_dir.mkdir(parents=True, exist_ok=True)
+    every = min(spec.checkpoint_every, steps)
+    cbs: list[Callback] = [
+        ModelCheckpoint(dirpath=ctx.ckpt_dir, filename="step-{step}", every_n_train_steps=every,
+                        save_top_k=1, monitor="step", mode="max", save_last=True),
+        NanGuard(ctx.name),
+        Throughput(params),
+    ]
+    if spec.early_stopping is not None and validate:
+        cbs.append(EarlyStopping(monitor="val/loss", patience=spec.early_stopping.patience,
+                                 min_delta=spec.early_stopping.min_delta, check_on_train_epoch_end=False))
+    tty = sys.stdout.isatty()
+    if tty:
+        from lightning.pytorch.callbacks import RichProgressBar
+
+        cbs.append(RichProgressBar())
+    else:
+        cbs.append(PrintProgress(ctx.name, steps))
+    cbs += callbacks or []
+    logger = StepLogger(run_id=ctx.run_id, tracking_uri=ctx.tracking_uri) if ctx.run_id else False
+    t = ctx.trainer
+    return L.Trainer(
+        accelerator=t.accelerator, devices=t.devices, strategy=t.strategy, num_nodes=t.num_nodes,
+        precision=resolve_precision(t.precision, t.accelerator), max_steps=steps, max_epochs=-1,
+        accumulate_grad_batches=spec.accumulate, gradient_clip_val=spec.grad_clip,
+        val_check_interval=spec.val_every * spec.accumulate if validate else None,
+        check_val_every_n_epoch=None, limit_val_batches=spec.val_batches if validate else 0,
+        num_sanity_val_steps=0, logger=logger, callbacks=cbs, enable_progress_bar=tty,
+        enable_model_summary=False, log_every_n_steps=max(1, min(10, steps // 10)),
+        default_root_dir=str(ctx.ckpt_dir), benchmark=False)
+
+
+def last_checkpoint(ctx: StepContext) -> str | None:
+    """The resumable checkpoint of this very fingerprint, if a previous attempt left one."""
+    path = ctx.ckpt_dir / "last.ckpt"
+    return str(path) if path.is_file() else None
+
+
+def fit(trainer: L.Trainer, module: L.LightningModule, datamodule=None, ctx: StepContext | None = None,
+        **loaders) -> None:
+    """Fit, resuming from this fingerprint's last checkpoint when one exists."""
+    ckpt = last_checkpoint(ctx) if ctx is not None else None
+    if ckpt:
+        print(f"{ctx.name}: resuming from {ckpt}", flush=True)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt, **loaders)
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, total

@@ -1,0 +1,164 @@
+"""The `llmcycle` command line. Heavy libraries are imported only by the commands that need them."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+EXIT_SPEC = 2  # a spec (or command-line) mistake
+EXIT_FAILED = 1  # a step failed
+
+
+def _load(path: str, overrides: list[str] | None = None):
+    import schemas
+
+    return schemas.load(path, overrides)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    for path in args.specs:
+        loaded = _load(path, args.set)
+        print(f"{path}: ok ({len(loaded.spec.steps)} steps: {', '.join(loaded.spec.steps)})")
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from flows.plan import make_plan
+
+    loaded = _load(args.spec, args.set)
+    plan = make_plan(loaded, force=args.force, only=args.only)
+    if args.json:
+        print(json.dumps([p.to_json() for p in plan], indent=2))
+        return 0
+    width = max(len(p.name) for p in plan)
+    for p in plan:
+        action = p.to_json()["action"]
+        print(f"{p.name:<{width}}  {p.kind:<14} {p.fingerprint[:12]}  {action:<6}  {p.output_dir}")
+        for key, value in p.extra.items():
+            print(f"{'':<{width}}    {key}: {value}")
+    return 0
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    import schemas
+
+    print(json.dumps(schemas.json_schema(), indent=2))
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from flows.plan import make_plan
+
+    loaded = _load(args.spec, args.set)  # fail fast, before any server or heavy import
+    make_plan(loaded, force=args.force, only=args.only)
+    from flows.pipeline import format_failure, run_pipeline
+
+    try:
+        results = run_pipeline(str(loaded.path), overrides=args.set, force=args.force, only=args.only)
+    except Exception as err:
+        print(f"\nllmcycle: {format_failure(err)}", file=sys.stderr)
+        return EXIT_FAILED
+    _print_summary(loaded, results)
+    return 0
+
+
+def _print_summary(loaded, results: dict[str, dict]) -> None:
+    from flows.tracking import tracking_uri
+
+    print(f"\n{loaded.spec.name}: {len(results)} steps")
+    for name, r in results.items():
+        shown = ", ".join(f"{k}={v:.4g}" for k, v in list(r["metrics"].items())[:5])
+        print(f"  {name:<14} {r['status']:<7} {shown}")
+    print(f"MLflow: {tracking_uri(loaded)}   browse: llmcycle ui {loaded.path}")
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    from flows.tracking import artifact_root, tracking_uri
+
+    loaded = _load(args.spec)
+    uri = tracking_uri(loaded)
+    if not uri.startswith(("sqlite:", "file:")) and "://" in uri:
+        print(f"this pipeline tracks to a server; open {uri} in a browser")
+        return 0
+    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
+               "--default-artifact-root", artifact_root(loaded).as_uri(),
+               "--host", args.host, "--port", str(args.port)]
+    print(f"MLflow UI for {loaded.spec.name}: http://{args.host}:{args.port}  (Ctrl-C stops it)")
+    os.execv(sys.executable, command)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llmcycle", description="Run the life of a language model from one YAML file.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def with_overrides(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--set", action="append", default=[], metavar="PATH=VALUE",
+                       help="override a field, e.g. --set steps.tokenizer.vocab_size=4096 (repeatable)")
+
+    p = sub.add_parser("validate", help="check specs and report every mistake with its line")
+    p.add_argument("specs", nargs="+", metavar="SPEC")
+    with_overrides(p)
+    p.set_defaults(func=cmd_validate)
+
+    for name, helptext, func in (("plan", "show each step's fingerprint, folder and whether it will run", cmd_plan),
+                                 ("run", "run the pipeline as a Prefect flow", cmd_run)):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("spec", metavar="SPEC")
+        with_overrides(p)
+        p.add_argument("--force", action="append", default=[], metavar="STEP", help="re-run STEP even if complete")
+        p.add_argument("--only", action="append", default=[], metavar="STEP",
+                       help="run STEP and the steps it needs, nothing else")
+        if name == "plan":
+            p.add_argument("--json", action="store_true", help="print the plan as JSON")
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("schema", help="print the JSON Schema of specs")
+    p.set_defaults(func=cmd_schema)
+
+    p = sub.add_parser("ui", help="open the MLflow UI on a pipeline's tracking store")
+    p.add_argument("spec", metavar="SPEC")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=5000)
+    p.set_defaults(func=cmd_ui)
+
+    for extra in _extra_commands():
+        extra(sub)
+    return parser
+
+
+def _extra_commands():
+    """Commands contributed by other modules (models, generate, serve) register through these hooks."""
+    hooks = []
+    try:
+        from flows import lifecycle_cli
+
+        hooks.append(lifecycle_cli.register)
+    except ImportError:
+        pass
+    return hooks
+
+
+def main(argv: list[str] | None = None) -> int:
+    from schemas import SpecError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except SpecError as err:
+        print(err, file=sys.stderr)
+        print(f"llmcycle: {len(err.problems)} problem(s) found", file=sys.stderr)
+        return EXIT_SPEC
+    except KeyError as err:  # an unknown step in --force/--only
+        print(f"llmcycle: {err.args[0]}", file=sys.stderr)
+        return EXIT_SPEC
+    except KeyboardInterrupt:
+        print("llmcycle: interrupted; completed steps are kept and a re-run resumes", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

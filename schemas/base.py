@@ -1,0 +1,154 @@
+"""Building blocks shared by the step schemas: the step base class, references, common sections."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Any, ClassVar, Iterator, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+EXTERNAL_PREFIXES = ("hf:", "./", "../", "/", "models:/")
+
+
+class Section(BaseModel):
+    """A strict settings group: unknown keys are errors, field docstrings become schema descriptions."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_default=True)
+
+
+@dataclass(frozen=True)
+class Ref:
+    """Marks a string field as a reference to another step that must produce `output`.
+
+    With `external=True` the string may instead be an external model: `hf:ID`, `./path`, `../path`,
+    `/path` or `models:/name@alias`; a bare name is always a step.
+    """
+
+    output: str
+    external: bool = False
+
+
+StepName = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_-]*$")]
+TokenizerRef = Annotated[str, Ref("tokenizer")]
+ModelRef = Annotated[str, Ref("model", external=True),
+                     Field(description="A step that produced a model, or `hf:ID`, `./path`, `/path`, "
+                                       "`models:/name@alias`.")]
+
+
+def is_external(value: str) -> bool:
+    """Tell whether a model reference names something outside the pipeline."""
+    return value.startswith(EXTERNAL_PREFIXES)
+
+
+class StepSpec(Section):
+    """Base of every step kind. `produces` lists what downstream steps may take from it."""
+
+    produces: ClassVar[frozenset[str]] = frozenset()
+
+    def references(self) -> Iterator[tuple[tuple, str, Ref]]:
+        """Yield (field path, step name, Ref) for every reference to another step."""
+        yield from _walk_refs(self, ())
+
+    def input_globs(self) -> list[str]:
+        """Return file globs (relative to the spec file) whose contents feed this step."""
+        return []
+
+
+def _walk_refs(model: BaseModel, prefix: tuple) -> Iterator[tuple[tuple, str, Ref]]:
+    for name, info in type(model).model_fields.items():
+        value = getattr(model, name)
+        ref = next((m for m in info.metadata if isinstance(m, Ref)), None)
+        if ref is not None and isinstance(value, str):
+            if not (ref.external and is_external(value)):
+                yield prefix + (name,), value, ref
+        elif isinstance(value, BaseModel):
+            yield from _walk_refs(value, prefix + (name,))
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                if isinstance(item, BaseModel):
+                    yield from _walk_refs(item, prefix + (name, i))
+
+
+class FromStep(Section):
+    """Data produced by another step, e.g. `data: {step: cai}`."""
+
+    step: Annotated[str, Ref("data")]
+    """The step whose data output to use."""
+
+
+# -- training sections shared by every kind that trains ----------------------------------------
+
+
+class OptimizerSpec(Section):
+    """Optimizer settings."""
+
+    name: Literal["adamw", "adam", "sgd"] = "adamw"
+    """Which torch optimizer to use."""
+    lr: float = Field(1e-3, gt=0)
+    """Peak learning rate."""
+    weight_decay: float = Field(0.0, ge=0)
+    """Decoupled weight decay (adamw) or L2 penalty (adam, sgd)."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """Adam betas."""
+    eps: float = Field(1e-8, gt=0)
+    """Adam epsilon."""
+    momentum: float = Field(0.9, ge=0, lt=1)
+    """SGD momentum."""
+
+
+class ScheduleSpec(Section):
+    """Learning-rate schedule: linear warmup then decay."""
+
+    warmup_steps: int = Field(0, ge=0)
+    """Steps of linear warmup from 0 to the peak learning rate."""
+    decay: Literal["cosine", "linear", "constant"] = "cosine"
+    """Shape of the decay after warmup."""
+    min_lr: float = Field(0.0, ge=0)
+    """Learning rate at the end of the decay."""
+
+
+class EarlyStoppingSpec(Section):
+    """Stop when `val/loss` stops improving."""
+
+    patience: int = Field(3, ge=1)
+    """Validation rounds without improvement before stopping."""
+    min_delta: float = Field(0.0, ge=0)
+    """Smallest decrease of val/loss that counts as an improvement."""
+
+
+class TrainingStepSpec(StepSpec):
+    """Base of the kinds that train: the loop settings they share, at the top of the step."""
+
+    optimizer: OptimizerSpec = OptimizerSpec()
+    """Optimizer and its hyperparameters."""
+    schedule: ScheduleSpec = ScheduleSpec()
+    """Learning-rate schedule."""
+    grad_clip: float | None = Field(1.0, gt=0)
+    """Clip the global gradient norm to this value (null: no clipping)."""
+    batch_size: int = Field(16, ge=1)
+    """Sequences per optimizer micro-batch."""
+    accumulate: int = Field(1, ge=1)
+    """Micro-batches per optimizer step."""
+    max_steps: int | None = Field(None, ge=1)
+    """Optimizer steps to train for."""
+    max_tokens: int | None = Field(None, ge=1)
+    """Train until this many tokens were seen (alternative to max_steps)."""
+    val_every: int = Field(50, ge=1)
+    """Validate every this many optimizer steps."""
+    val_batches: int = Field(8, ge=1)
+    """Batches of held-out data per validation."""
+    early_stopping: EarlyStoppingSpec | None = None
+    """Stop early on val/loss (null: never)."""
+    checkpoint_every: int = Field(100, ge=1)
+    """Save a resumable checkpoint every this many optimizer steps."""
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> "TrainingStepSpec":
+        if self.max_steps is not None and self.max_tokens is not None:
+            raise ValueError("give max_steps or max_tokens, not both")
+        return self
+
+
+def dump_for_fingerprint(model: BaseModel) -> dict[str, Any]:
+    """Dump a spec as JSON-able data for hashing and logging."""
+    return model.model_dump(mode="json")

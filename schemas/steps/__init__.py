@@ -1,0 +1,7 @@
+"""The step kinds. Adding a kind: write its module here and add its spec to STEP_SPECS."""
+
+from .tokenize import TokenizeSpec
+
+STEP_SPECS = (
+    TokenizeSpec,
+)

@@ -1,0 +1,85 @@
+"""Shared fixtures: one Prefect harness per session, a tokenized corpus and a tiny model for component tests."""
+
+from __future__ import annotations
+
+import os
+import textwrap
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.pop("MLFLOW_TRACKING_URI", None)  # tests track to their own temporary stores
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """A temporary Prefect server for the whole session (starting one costs seconds)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def make_ctx(tmp: Path, name: str = "step", kind: str = "step", upstream: dict | None = None, seed: int = 0,
+             trainer: dict | None = None, base_dir: Path | None = None, fingerprint: str = "0" * 64):
+    """A StepContext for calling a component's run() directly, without Prefect or MLflow."""
+    from components.context import StepContext
+    from schemas.pipeline import TrainerSpec
+
+    out = tmp / name / "out"
+    out.mkdir(parents=True, exist_ok=True)
+    return StepContext(name=name, kind=kind, fingerprint=fingerprint, out_dir=out, ckpt_dir=tmp / name / "ckpt",
+                       base_dir=base_dir or tmp, workdir=tmp, seed=seed,
+                       trainer=TrainerSpec(**(trainer or {"precision": "32-true", "accelerator": "cpu"})),
+                       upstream=upstream or {})
+
+
+def finish(ctx, output, name: str | None = None):
+    """Turn a component's StepOutput into the StepResult downstream steps would see."""
+    from components.context import StepResult
+
+    return StepResult(name=name or ctx.name, kind=ctx.kind, fingerprint=ctx.fingerprint, dir=ctx.out_dir,
+                      outputs=output.outputs, metrics=output.metrics, info=output.info)
+
+
+@pytest.fixture(scope="session")
+def tokenized(tmp_path_factory):
+    """The pydoc corpus with a 512-token BPE vocabulary, as a tokenize step's result."""
+    from components import tokenize
+    from schemas.steps.tokenize import TokenizeSpec
+
+    tmp = tmp_path_factory.mktemp("tokenized")
+    spec = TokenizeSpec(kind="tokenize", corpus={"builtin": "pydoc"}, vocab_size=512)
+    ctx = make_ctx(tmp, name="tokenizer", kind="tokenize")
+    return finish(ctx, tokenize.run(spec, ctx))
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tokenized, tmp_path_factory) -> Path:
+    """An untrained 2-layer, 64-wide Llama with the pydoc tokenizer, saved as a transformers folder."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tokenized.path("tokenizer"))
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    folder = tmp_path_factory.mktemp("tiny_lm")
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def write_spec(tmp_path):
+    """Write a spec (dedented YAML text) into a temporary folder and return its path."""
+    def write(text: str, name: str = "spec.yaml") -> Path:
+        path = tmp_path / name
+        path.write_text(textwrap.dedent(text))
+        return path
+
+    return write
