@@ -18,7 +18,7 @@ class Section(BaseModel):
 
 @dataclass(frozen=True)
 class Ref:
-    """Marks a string field as a reference to another step that must produce `output`.
+    """Marks a string field as a reference to another step that must produce `output` ("*": any step).
 
     With `external=True` the string may instead be an external model: `hf:ID`, `./path`, `../path`,
     `/path` or `models:/name@alias`; a bare name is always a step.

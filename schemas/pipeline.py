@@ -159,7 +159,7 @@ def _reference_problems(doc: Document, steps: dict[str, StepSpec | None]) -> lis
                 problems.append(doc.problem(where, f"no step named '{target}'{did_you_mean(target, steps)}"
                                             + (" (external models are written hf:ID, ./path, /path or "
                                                "models:/name@alias)" if ref.external else "")))
-            elif steps[target] is not None and ref.output not in type(steps[target]).produces:
+            elif steps[target] is not None and ref.output != "*" and ref.output not in type(steps[target]).produces:
                 able = [n for n, s in steps.items() if s is not None and ref.output in type(s).produces]
                 problems.append(doc.problem(where, f"step '{target}' (kind {steps[target].kind}) produces no "
                                             f"{ref.output}; steps that do: {', '.join(able) or 'none'}"))
