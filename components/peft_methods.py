@@ -1,0 +1,131 @@
+"""Apply a `peft:` section to a transformers model, and save the result as adapter and/or merged folders.
+
+LoRA (Hu et al. 2021; rsLoRA, Kalajdzievski 2023; DoRA, Liu et al. 2024), prompt tuning (Lester et al.
+2021) and IA3 (Liu et al. 2022) come from the `peft` library. BitFit (Ben Zaken et al. 2022) and
+magnitude pruning (Han et al. 2015) are a few lines of torch: peft has neither.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from schemas.peft import PeftSpec
+
+FEEDFORWARD_NAMES = ("down_proj", "fc2", "c_proj", "w2", "wo", "dense_4h_to_h", "fc_out")
+PRUNE_SKIP = ("lm_head", "embed", "wte", "wpe")  # embeddings and the output layer are kept dense
+
+
+def apply_peft(model, spec: PeftSpec, tokenizer=None):
+    """Return the model ready to train under `spec`: a PeftModel for adapter methods, else `model` itself
+    with requires_grad set (and, for prune, weights masked to the target sparsity)."""
+    if spec.method in ("lora", "ia3", "prompt_tuning"):
+        from peft import get_peft_model
+
+        return get_peft_model(model, peft_config(spec, tokenizer))
+    for p in model.parameters():
+        p.requires_grad_(spec.method != "bitfit")
+    if spec.method == "bitfit":
+        chosen = [p for n, p in model.named_parameters() if is_bitfit_param(n)]
+        if not chosen:
+            raise ValueError("peft method 'bitfit' found no bias or norm parameters in this model")
+        for p in chosen:
+            p.requires_grad_(True)
+    elif spec.method == "prune":
+        prune_by_magnitude(model, spec.sparsity)
+    return model
+
+
+def peft_config(spec: PeftSpec, tokenizer=None):
+    """The peft config object for an adapter method."""
+    from peft import IA3Config, LoraConfig, PromptTuningConfig, PromptTuningInit, TaskType
+
+    if spec.method == "lora":
+        return LoraConfig(task_type=TaskType.CAUSAL_LM, r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
+                          target_modules=spec.target_modules, use_rslora=spec.use_rslora, use_dora=spec.use_dora)
+    if spec.method == "ia3":
+        ff = spec.feedforward_modules
+        if spec.target_modules and ff is None:
+            ff = [m for m in spec.target_modules if m.split(".")[-1] in FEEDFORWARD_NAMES]
+        return IA3Config(task_type=TaskType.CAUSAL_LM, target_modules=spec.target_modules, feedforward_modules=ff)
+    if spec.init_text is None:
+        return PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=spec.num_virtual_tokens,
+                                  prompt_tuning_init=PromptTuningInit.RANDOM)
+    if tokenizer is None:
+        raise ValueError("peft.init_text needs the tokenizer (pass tokenizer= to apply_peft)")
+    return PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=spec.num_virtual_tokens,
+                              prompt_tuning_init=PromptTuningInit.TEXT, prompt_tuning_init_text=spec.init_text,
+                              tokenizer_name_or_path=tokenizer.name_or_path)
+
+
+def is_bitfit_param(name: str) -> bool:
+    """Biases and normalization weights: the parameters BitFit trains."""
+    return name.endswith(".bias") or "norm" in name.lower()
+
+
+def prunable_linears(model) -> list[torch.nn.Linear]:
+    """The decoder's linear layers (embeddings and the output layer stay dense)."""
+    return [m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and not any(s in n for s in PRUNE_SKIP)]
+
+
+def prune_by_magnitude(model, sparsity: float) -> None:
+    """Zero the smallest-magnitude `sparsity` of all decoder linear weights (global L1 pruning).
+
+    The masks stay attached (weight = weight_orig * mask) so that the recovery fine-tune cannot regrow
+    pruned weights; `finalize_pruning` makes them permanent before saving.
+    """
+    from torch.nn.utils import prune
+
+    layers = prunable_linears(model)
+    if not layers:
+        raise ValueError("peft method 'prune' found no linear layers to prune")
+    prune.global_unstructured([(m, "weight") for m in layers], pruning_method=prune.L1Unstructured, amount=sparsity)
+
+
+def finalize_pruning(model) -> None:
+    """Fold pruning masks into plain weights (a no-op for unpruned models)."""
+    from torch.nn.utils import prune
+
+    for module in model.modules():
+        if prune.is_pruned(module) and hasattr(module, "weight_orig"):
+            prune.remove(module, "weight")
+
+
+def sparsity_of(model) -> float:
+    """Share of exact zeros in the prunable linear weights."""
+    weights = [m.weight.detach() for m in prunable_linears(model)]
+    zeros = sum(int((w == 0).sum()) for w in weights)
+    return zeros / max(1, sum(w.numel() for w in weights))
+
+
+def save_outputs(model, tokenizer, out_dir: Path, merge: bool) -> dict[str, str]:
+    """Save what training produced under out_dir and return StepOutput.outputs entries.
+
+    Adapter methods: `adapter/` (loads with `PeftModel.from_pretrained(base, path)`), plus a merged
+    standalone `model/` when `merge` (built on a copy, so `model` keeps working). Other methods: `model/`.
+    Every folder gets the tokenizer.
+    """
+    from peft import PeftModel
+
+    out_dir = Path(out_dir)
+    outputs: dict[str, str] = {}
+    if isinstance(model, PeftModel):
+        model.save_pretrained(out_dir / "adapter")
+        tokenizer.save_pretrained(out_dir / "adapter")
+        outputs.update(adapter="adapter", tokenizer="adapter")
+        if not merge:
+            return outputs
+        if model.peft_config[model.active_adapter].is_prompt_learning:
+            raise ValueError("prompt tuning cannot be merged into a standalone model; set merge: false")
+        import copy
+
+        standalone = copy.deepcopy(model).merge_and_unload()
+    else:
+        finalize_pruning(model)
+        standalone = model
+    standalone.save_pretrained(out_dir / "model")
+    tokenizer.save_pretrained(out_dir / "model")
+    outputs["model"] = "model"
+    outputs["tokenizer"] = "model"
+    return outputs

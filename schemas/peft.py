@@ -1,0 +1,71 @@
+"""`peft:` the parameter-efficient fine-tuning section shared by finetune, reward_model, dpo and constitutional."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from .base import Section
+
+METHOD_FIELDS = {
+    "lora": {"r", "alpha", "dropout", "target_modules", "use_rslora", "use_dora"},
+    "ia3": {"target_modules", "feedforward_modules"},
+    "prompt_tuning": {"num_virtual_tokens", "init_text"},
+    "prune": {"sparsity"},
+    "full": set(),
+    "bitfit": set(),
+}
+ADAPTER_METHODS = frozenset({"lora", "ia3", "prompt_tuning"})
+
+
+class PeftSpec(Section):
+    """Which parameters train: all (`full`), a peft adapter, biases and norms only, or a pruned model."""
+
+    method: Literal["full", "lora", "prompt_tuning", "ia3", "bitfit", "prune"] = "lora"
+    """`full` (every weight), `lora` (low-rank adapters, Hu et al. 2021), `prompt_tuning` (learned virtual
+    tokens, Lester et al. 2021), `ia3` (learned rescaling vectors, Liu et al. 2022), `bitfit` (biases and
+    norms only, Ben Zaken et al. 2022), `prune` (magnitude pruning to `sparsity`, then full fine-tuning
+    that keeps the pruned weights at zero)."""
+    r: int = Field(8, ge=1, le=4096)
+    """LoRA rank."""
+    alpha: float = Field(16.0, gt=0)
+    """LoRA scaling numerator: the update is scaled by alpha/r (alpha/sqrt(r) with use_rslora)."""
+    dropout: float = Field(0.0, ge=0, lt=1)
+    """Dropout on the LoRA input."""
+    target_modules: list[str] | None = None
+    """Module names to adapt (e.g. [q_proj, v_proj], or [all-linear] for LoRA); default: peft's choice for
+    the architecture (q_proj, v_proj for Llama LoRA; k_proj, v_proj, down_proj for IA3)."""
+    use_rslora: bool = False
+    """Rank-stabilized LoRA: scale by alpha/sqrt(r) (Kalajdzievski 2023)."""
+    use_dora: bool = False
+    """Weight-decomposed LoRA: train magnitude and direction separately (Liu et al. 2024)."""
+    feedforward_modules: list[str] | None = None
+    """IA3: which of target_modules are feed-forward layers (scaled on their input); default: those named
+    like down_proj, fc2, c_proj, w2, wo."""
+    num_virtual_tokens: int = Field(8, ge=1, le=512)
+    """Prompt tuning: learned tokens prepended to every input."""
+    init_text: str | None = None
+    """Prompt tuning: initialize the virtual tokens from the embeddings of this text (default: random)."""
+    sparsity: float = Field(0.5, gt=0, lt=1)
+    """Prune: fraction of the decoder's linear weights set to zero (global magnitude pruning)."""
+
+    @model_validator(mode="after")
+    def _fields_match_method(self) -> "PeftSpec":
+        own = METHOD_FIELDS[self.method]
+        stray = sorted(f for f in self.model_fields_set - {"method"} - own)
+        if stray:
+            users = {f: [m for m, fs in METHOD_FIELDS.items() if f in fs] for f in stray}
+            detail = "; ".join(f"{f} belongs to {' / '.join(users[f])}" for f in stray)
+            raise ValueError(f"peft method '{self.method}' takes no {', '.join(stray)} ({detail})")
+        if self.feedforward_modules and not self.target_modules:
+            raise ValueError("feedforward_modules needs target_modules (a subset of them)")
+        if self.feedforward_modules and not set(self.feedforward_modules) <= set(self.target_modules or []):
+            raise ValueError(f"feedforward_modules {self.feedforward_modules} must be a subset of target_modules "
+                             f"{self.target_modules}")
+        return self
+
+    @property
+    def is_adapter(self) -> bool:
+        """True when training produces a peft adapter (kept apart from the base weights)."""
+        return self.method in ADAPTER_METHODS
