@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Iterator, Literal
 
@@ -54,10 +55,20 @@ class StepSpec(Section):
         return []
 
 
+def _find_ref(annotation: Any) -> Ref | None:
+    """The Ref inside an annotation, also when wrapped (`ModelRef | None`, `list[ModelRef]`)."""
+    for arg in typing.get_args(annotation):
+        found = arg if isinstance(arg, Ref) else _find_ref(arg)
+        if found is not None:
+            return found
+    return None
+
+
 def _walk_refs(model: BaseModel, prefix: tuple) -> Iterator[tuple[tuple, str, Ref]]:
     for name, info in type(model).model_fields.items():
         value = getattr(model, name)
-        ref = next((m for m in info.metadata if isinstance(m, Ref)), None)
+        # pydantic keeps Annotated metadata on the field only when it is the outermost type
+        ref = next((m for m in info.metadata if isinstance(m, Ref)), None) or _find_ref(info.annotation)
         if ref is not None and isinstance(value, str):
             if not (ref.external and is_external(value)):
                 yield prefix + (name,), value, ref
@@ -67,6 +78,8 @@ def _walk_refs(model: BaseModel, prefix: tuple) -> Iterator[tuple[tuple, str, Re
             for i, item in enumerate(value):
                 if isinstance(item, BaseModel):
                     yield from _walk_refs(item, prefix + (name, i))
+                elif ref is not None and isinstance(item, str) and not (ref.external and is_external(item)):
+                    yield prefix + (name, i), item, ref
 
 
 class FromStep(Section):

@@ -128,6 +128,24 @@ class _TooBig(Exception):
     pass
 
 
+def _expanded_size(node: yaml.Node, sizes: dict[int, int]) -> int:
+    """Count the nodes `node` expands to, each shared (aliased) node sized once: linear in the file."""
+    if id(node) in sizes:
+        if sizes[id(node)] == 0:  # still being counted: the node contains itself
+            raise _TooBig("an alias refers to the collection it is in")
+        return sizes[id(node)]
+    sizes[id(node)] = 0
+    size = 1
+    if isinstance(node, yaml.MappingNode):
+        size += sum(_expanded_size(k, sizes) + _expanded_size(v, sizes) for k, v in node.value)
+    elif isinstance(node, yaml.SequenceNode):
+        size += sum(_expanded_size(item, sizes) for item in node.value)
+    if size > MAX_NODES:
+        raise _TooBig()
+    sizes[id(node)] = size
+    return size
+
+
 def _check_bytes(raw: bytes, source: str) -> str:
     try:
         return raw.decode("utf-8")
@@ -155,6 +173,8 @@ def parse_text(text: str, source: str) -> Document:
         raise SpecError(problems)
     try:
         root = yaml.compose(text, Loader=_Loader)
+    except RecursionError:
+        raise SpecError([Problem(source, 1, 1, "", "document is nested too deeply")]) from None
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark or err.context_mark
         line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
@@ -171,10 +191,13 @@ def parse_text(text: str, source: str) -> Document:
         raise SpecError([Problem(source, m.line, m.col, "", f"top level must be a mapping of keys, got {what}")])
     builder = _Builder(doc)
     try:
+        _expanded_size(root, {})  # an alias bomb is refused before a single node is built
         doc.data = builder.build(root, ())
-    except _TooBig:
-        raise SpecError([Problem(source, 1, 1, "", f"document expands to more than {MAX_NODES} nodes "
-                                 "(aliases nested too deep?); refusing to expand it")]) from None
+    except _TooBig as err:
+        why = str(err) or f"document expands to more than {MAX_NODES} nodes (aliases nested too deep?)"
+        raise SpecError([Problem(source, 1, 1, "", f"{why}; refusing to expand it")]) from None
+    except RecursionError:
+        raise SpecError([Problem(source, 1, 1, "", "document is nested too deeply")]) from None
     doc.problems = builder.problems
     return doc
 
@@ -190,7 +213,10 @@ def parse_file(path: str | os.PathLike) -> Document:
 
 
 def apply_overrides(doc: Document, overrides: list[str]) -> None:
-    """Apply `--set a.b.c=value` overrides in place; values are parsed as YAML scalars or flow YAML."""
+    """Apply `--set a.b.c=value` overrides in place; values are parsed as YAML scalars or flow YAML.
+
+    Malformed overrides join `doc.problems`, so they are reported together with the schema's errors.
+    """
     problems = []
     for n, item in enumerate(overrides, 1):
         source = f"--set[{n}]"
@@ -222,6 +248,9 @@ def apply_overrides(doc: Document, overrides: list[str]) -> None:
             else:
                 problems.append(Problem(source, 1, 1, dotted(path), "cannot set a field inside a value"))
                 continue
+            here = dotted(path)  # an override replaces the value, and the problems the old one had
+            doc.problems = [p for p in doc.problems
+                            if p.path != here and not p.path.startswith((here + ".", here + "["))]
             stale = [p for p in doc.values if p[: len(path)] == path]
             for p in stale:
                 doc.values.pop(p, None)
@@ -229,5 +258,4 @@ def apply_overrides(doc: Document, overrides: list[str]) -> None:
                 doc.secrets.pop(p, None)
             doc.values[path] = mark
             doc.keys[path] = Mark(source, 1, 1)
-    if problems:
-        raise SpecError(problems)
+    doc.problems.extend(problems)

@@ -16,7 +16,8 @@ from .loader import Document, apply_overrides, parse_file
 from .steps import STEP_SPECS
 
 KINDS = [typing.get_args(s.model_fields["kind"].annotation)[0] for s in STEP_SPECS]
-Step = Annotated[Union[STEP_SPECS], Field(discriminator="kind")] if len(STEP_SPECS) > 1 else STEP_SPECS[0]
+# A tagged union even with one kind, so an unknown kind reads the same however many kinds exist.
+Step = Annotated[Union[STEP_SPECS], Field(discriminator="kind")]
 
 
 class TrackingSpec(Section):
@@ -205,7 +206,11 @@ def _problem(doc: Document, error: dict) -> Problem:
         return doc.problem(data_path, f"missing required field '{loc[-1]}'")
     message = error["msg"].removeprefix("Value error, ")
     value = error.get("input")
-    if isinstance(value, (str, int, float, bool)) and kind not in ("value_error", "assertion_error"):
+    if data_path in doc.secrets:  # never echo a resolved secret; show what the file says instead
+        if isinstance(value, str) and value:
+            message = message.replace(value, doc.secrets[data_path])
+        message += f", got {doc.secrets[data_path]}"
+    elif isinstance(value, (str, int, float, bool)) and kind not in ("value_error", "assertion_error"):
         message += f", got {json.dumps(value)}"
     return doc.problem(data_path, message)
 
