@@ -43,12 +43,26 @@ def iter_documents(corpus: CorpusSpec, ctx: StepContext) -> Iterator[str]:
             yield from (_jsonl_docs(Path(path), corpus.text_field) if path.endswith(".jsonl")
                         else _text_docs(Path(path)))
     else:
-        import datasets
+        yield from _dataset_docs(corpus.dataset, ctx)
 
-        src = corpus.dataset
-        ds = datasets.load_dataset(src.path, src.name, split=src.split, data_files=src.data_files, streaming=True)
-        for row in ds:
-            yield row[src.text_field]
+
+def _dataset_docs(src, ctx: StepContext) -> Iterator[str]:
+    """Rows of a `datasets` source; local paths and data_files are relative to the spec, like every path."""
+    import datasets
+
+    local = ctx.resolve_path(src.path)
+    if (local / "state.json").is_file() or (local / "dataset_dict.json").is_file():  # a save_to_disk folder
+        ds = datasets.load_from_disk(str(local))  # memory-mapped Arrow, not read into memory
+        ds = ds[src.split] if isinstance(ds, datasets.DatasetDict) else ds
+    else:
+        files = [str(ctx.resolve_path(f)) for f in src.data_files] if src.data_files else None
+        ds = datasets.load_dataset(str(local) if local.exists() else src.path, src.name, split=src.split,
+                                   data_files=files, streaming=True)
+    for n, row in enumerate(ds):
+        if src.text_field not in row:
+            raise KeyError(f"corpus.dataset: row {n} has no '{src.text_field}' column (set "
+                           f"corpus.dataset.text_field); columns: {', '.join(row)}")
+        yield str(row[src.text_field])
 
 
 def _text_docs(path: Path) -> Iterator[str]:
@@ -153,10 +167,14 @@ def encode_corpus(tokenizer, spec: TokenizeSpec, ctx: StepContext, folder: Path)
 def _flush(backend, docs: list[str], fh, stats: dict, eos: int, dtype) -> None:
     if not docs:
         return
-    for enc in backend.encode_batch(docs, add_special_tokens=False):
-        ids = np.asarray(enc.ids + [eos], dtype=dtype)
-        ids.tofile(fh)
-        stats["tokens"] += len(ids)
+    # encode_batch_fast skips the character offsets token files never use; one array and one write
+    # per batch keeps Python's per-document work to a list append.
+    ids: list[int] = []
+    for enc in backend.encode_batch_fast(docs, add_special_tokens=False):
+        ids += enc.ids
+        ids.append(eos)
+    np.asarray(ids, dtype=dtype).tofile(fh)
+    stats["tokens"] += len(ids)
     stats["documents"] += len(docs)
     stats["characters"] += sum(len(d) for d in docs)
     docs.clear()
