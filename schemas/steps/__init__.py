@@ -1,7 +1,9 @@
 """The step kinds. Adding a kind: write its module here and add its spec to STEP_SPECS."""
 
+from .reward_model import RewardModelSpec
 from .tokenize import TokenizeSpec
 
 STEP_SPECS = (
     TokenizeSpec,
+    RewardModelSpec,
 )
