@@ -1,31 +1,63 @@
-"""Read models back from the MLflow Model Registry (`models:/name@alias` or `models:/name/version`)."""
+"""The MLflow Model Registry side of llmcycle: read `models:/` URIs back, load models with adapters merged.
+
+`download_registered` turns `models:/name@alias` or `models:/name/version` into a folder that
+`from_pretrained` loads; `load_merged` loads any model folder, merging a peft adapter into its base
+(the registry and the optimizer want standalone models).
+"""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
+
+
+def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
+    """Split `models:/name@alias` / `models:/name/version` into (name, alias, version)."""
+    body = uri[len("models:/"):] if uri.startswith("models:/") else uri
+    name, at, alias = body.partition("@")
+    if at:
+        return name, alias, None
+    name, slash, version = body.partition("/")
+    if not slash or not version:
+        raise ValueError(f"'{uri}' is not a registered model URI; expected models:/NAME@ALIAS or models:/NAME/VERSION")
+    return name, None, version
+
+
+def resolve_version(uri: str, tracking_uri: str | None = None):
+    """The ModelVersion a `models:/` URI points at, with a clear error when the name or alias is unknown."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    name, alias, number = parse_model_uri(uri)
+    try:
+        return client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, number)
+    except MlflowException as err:
+        known = [m.name for m in client.search_registered_models()]
+        raise ValueError(f"{uri}: not in the registry at {tracking_uri or 'the default store'} "
+                         f"({err.message.splitlines()[0]}); registered models: {', '.join(known) or 'none'}") from err
 
 
 def download_registered(uri: str, cache: Path, tracking_uri: str | None = None) -> Path:
     """Download a registered transformers model once and return a folder `from_pretrained` loads."""
     import mlflow
-    from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=tracking_uri)
-    name, _, selector = uri[len("models:/"):].partition("@")
-    if selector:
-        version = client.get_model_version_by_alias(name, selector)
-    else:
-        name, _, number = name.partition("/")
-        version = client.get_model_version(name, number)
+    version = resolve_version(uri, tracking_uri)
+    name = version.name
     target = cache / name / str(version.version)
     if (target / "config.json").is_file():
         return target
     staging = cache / name / f".dl-{version.version}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version.version}",
-                                                     dst_path=str(staging), tracking_uri=tracking_uri))
+    from mlflow.tracking import MlflowClient
+
+    # The version's storage location, not models:/..., whose resolution reads the global registry URI.
+    where = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri).get_model_version_download_uri(
+        name, version.version)
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=where, dst_path=str(staging),
+                                                     tracking_uri=tracking_uri))
     folder = _merge_transformers_layout(local)
     shutil.rmtree(target, ignore_errors=True)
     folder.rename(target)
@@ -45,3 +77,25 @@ def _merge_transformers_layout(root: Path) -> Path:
                 if f.is_file() and not (model_dir / f.name).exists():
                     shutil.copy2(f, model_dir / f.name)
     return model_dir
+
+
+def is_adapter(source: str | Path) -> bool:
+    return (Path(source) / "adapter_config.json").is_file()
+
+
+def load_merged(source: str | Path, base: str | None = None):
+    """Load (model, tokenizer) from a model folder or hub id; a peft adapter is merged into its base.
+
+    `base` overrides the adapter's recorded base model (a folder, when the adapter names a hub id).
+    """
+    from components.models import load_causal_lm, load_tokenizer
+
+    source = str(source)
+    if not is_adapter(source):
+        return load_causal_lm(source), load_tokenizer(source)
+    from peft import PeftModel
+
+    base = base or json.loads((Path(source) / "adapter_config.json").read_text())["base_model_name_or_path"]
+    model = PeftModel.from_pretrained(load_causal_lm(base), source).merge_and_unload()
+    tok_source = source if (Path(source) / "tokenizer_config.json").is_file() else base
+    return model, load_tokenizer(tok_source)

@@ -1,0 +1,186 @@
+"""`llmcycle models|generate|serve`: browse the registry, try a model from the terminal, serve it over HTTP."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+DEFAULT_SPEC = "specs/quickstart.yaml"
+KEY_METRICS = 4  # metric tags shown per version by `llmcycle models`
+
+
+def register(sub) -> None:
+    """Add the lifecycle commands to the `llmcycle` parser."""
+    p = sub.add_parser("models", help="list registered models: versions, aliases and key metrics")
+    p.add_argument("name", nargs="?", help="one registered model (default: all)")
+    _store_options(p)
+    p.set_defaults(func=_friendly(cmd_models))
+
+    p = sub.add_parser("generate", help="generate text from a step's model, a folder, hf:ID or models:/NAME@ALIAS")
+    p.add_argument("model", metavar="MODEL")
+    p.add_argument("--prompt", action="append", required=True, help="a prompt (repeatable)")
+    p.add_argument("--strategy", default="greedy", choices=("greedy", "sample", "top_k", "top_p", "beam"))
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--num-beams", type=int, default=4)
+    p.add_argument("--length-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print {prompt, completion} rows as JSON lines")
+    _store_options(p)
+    p.set_defaults(func=_friendly(cmd_generate))
+
+    p = sub.add_parser("serve", help="serve a registered model with MLflow's scoring server (POST /invocations)")
+    p.add_argument("model", metavar="MODEL", help="models:/NAME@ALIAS, models:/NAME/VERSION or a register step")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=5001)
+    _store_options(p)
+    p.set_defaults(func=_friendly(cmd_serve))
+
+
+def _friendly(command):
+    """Print a mistake (unknown model, step not run yet) as one line and exit 2, not as a traceback."""
+    def wrapped(args) -> int:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return command(args)
+        except (ValueError, FileNotFoundError, MlflowException) as err:
+            print(f"llmcycle: {err}", file=sys.stderr)
+            return 2
+
+    return wrapped
+
+
+def _store_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--spec", help=f"pipeline whose steps and tracking store to use (default: {DEFAULT_SPEC} if present)")
+    p.add_argument("--tracking-uri", help="MLflow store holding the registry (default: MLFLOW_TRACKING_URI, else the spec's)")
+
+
+def _loaded(args):
+    import schemas
+
+    path = args.spec or (DEFAULT_SPEC if Path(DEFAULT_SPEC).is_file() else None)
+    return schemas.load(path) if path else None
+
+
+def store_uri(args) -> str:
+    """--tracking-uri, else MLFLOW_TRACKING_URI, else the spec's store."""
+    from flows.tracking import tracking_uri
+
+    if args.tracking_uri:
+        return args.tracking_uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    loaded = _loaded(args)
+    if loaded is None:
+        raise ValueError("no tracking store: give --spec SPEC or --tracking-uri URI (or set MLFLOW_TRACKING_URI)")
+    return tracking_uri(loaded)
+
+
+def cmd_models(args) -> int:
+    from mlflow.tracking import MlflowClient
+
+    uri = store_uri(args)
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    models = [client.get_registered_model(args.name)] if args.name else client.search_registered_models()
+    if not models:
+        print(f"no registered models in {uri}")
+        return 0
+    for model in models:
+        aliases: dict[str, list[str]] = {}
+        for alias, number in (model.aliases or {}).items():
+            aliases.setdefault(str(number), []).append(alias)
+        print(f"{model.name}")
+        versions = client.search_model_versions(f"name='{model.name}'")
+        for v in sorted(versions, key=lambda v: int(v.version), reverse=True):
+            shown = [f"{k[len('metric.'):]}={val}" for k, val in sorted(v.tags.items()) if k.startswith("metric.")]
+            print(f"  v{v.version:<4} {','.join(sorted(aliases.get(str(v.version), []))) or '-':<20} "
+                  f"gate={v.tags.get('llmcycle.gate', '-'):<7} step={v.tags.get('llmcycle.spec', '?')}."
+                  f"{v.tags.get('llmcycle.step', '?')}  {'  '.join(shown[:KEY_METRICS])}")
+    return 0
+
+
+def model_folder(ref: str, args) -> str:
+    """Resolve a model reference on the command line to a folder (or hub id) `from_pretrained` loads."""
+    from schemas.base import is_external
+
+    if ref.startswith("models:/"):
+        from components.registry import download_registered
+
+        loaded = _loaded(args)
+        cache = (loaded.workdir if loaded else Path.home() / ".cache" / "llmcycle") / ".models"
+        return str(download_registered(ref, cache, store_uri(args)))
+    if ref.startswith("hf:"):
+        return ref[3:]
+    if is_external(ref) or Path(ref).exists():
+        return str(Path(ref).resolve())
+    result = step_result(ref, args)
+    for key in ("model", "adapter"):
+        if key in result.outputs:
+            return str(result.path(key))
+    raise ValueError(f"step '{ref}' ({result.kind}) has no model output; it has: {', '.join(result.outputs) or 'none'}")
+
+
+def step_result(name: str, args):
+    """The completed result of step `name` of --spec, with a clear error when it has not run."""
+    from components.context import StepResult
+    from flows.plan import make_plan
+    from schemas.errors import did_you_mean
+
+    loaded = _loaded(args)
+    if loaded is None:
+        raise ValueError(f"'{name}' is not a path, hf:ID or models:/ URI; to use a step, give --spec SPEC")
+    plan = {p.name: p for p in make_plan(loaded)}
+    if name not in plan:
+        raise ValueError(f"{loaded.path} has no step '{name}'{did_you_mean(name, plan)}; steps: {', '.join(plan)}")
+    if not plan[name].cached:
+        raise ValueError(f"step '{name}' has no complete output for the current spec; run "
+                         f"`llmcycle run {args.spec or DEFAULT_SPEC} --only {name}` first")
+    return StepResult.read(plan[name].output_dir)
+
+
+def cmd_generate(args) -> int:
+    from components.generation import generate_texts
+    from components.optimize import load_any
+
+    model, tokenizer = load_any(model_folder(args.model, args))
+    texts = generate_texts(model, tokenizer, args.prompt, strategy=args.strategy,
+                           max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                           top_p=args.top_p, num_beams=args.num_beams, length_penalty=args.length_penalty,
+                           seed=args.seed)
+    for prompt, text in zip(args.prompt, texts):
+        print(json.dumps({"prompt": prompt, "completion": text}) if args.json else f"{prompt}{text}")
+    return 0
+
+
+def serve_command(ref: str, args) -> tuple[list[str], dict[str, str]]:
+    """The `mlflow models serve` command line and environment for a registered model."""
+    if not ref.startswith(("models:/", "runs:/")):
+        result = step_result(ref, args)
+        if "model_uri" not in result.info:
+            raise ValueError(f"serve takes a registered model (models:/NAME@ALIAS); step '{ref}' ({result.kind}) "
+                             "registered none. Add a `register` step, or use `llmcycle generate` for local folders")
+        ref = result.info["model_uri"]
+    uri = store_uri(args)
+    if ref.startswith("models:/"):
+        from components.registry import resolve_version
+
+        resolve_version(ref, uri)  # fail here, readably, rather than inside the server
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_REGISTRY_URI": uri}
+    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", ref, "--env-manager", "local",
+               "--host", args.host, "--port", str(args.port)]
+    return command, env
+
+
+def cmd_serve(args) -> int:
+    command, env = serve_command(args.model, args)
+    print(f"serving {args.model} at http://{args.host}:{args.port}/invocations  (Ctrl-C stops it)\n"
+          f"  curl -s http://{args.host}:{args.port}/invocations -H 'Content-Type: application/json' "
+          "-d '{\"inputs\": [\"def \"], \"params\": {\"max_new_tokens\": 20}}'", flush=True)
+    os.execve(sys.executable, command, env)
+    return 0
