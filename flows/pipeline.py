@@ -63,9 +63,10 @@ def run_step(planned: PlannedStep, loaded: schemas.LoadedSpec, upstream: dict[st
     try:
         component = importlib.import_module(f"components.{planned.kind}")
         output = component.run(step_spec, ctx)
+        metrics = finite_metrics(output.metrics)  # timed before result.json, so a cached re-run reports it too
+        metrics.setdefault("time/seconds", round(time.perf_counter() - started, 3))
         result = StepResult(name=planned.name, kind=planned.kind, fingerprint=planned.fingerprint,
-                            dir=planned.output_dir, outputs=output.outputs, metrics=finite_metrics(output.metrics),
-                            info=output.info)
+                            dir=planned.output_dir, outputs=output.outputs, metrics=metrics, info=output.info)
         write_json_atomic(tmp / RESULT_FILE, result.to_json())
         _move_into_place(tmp, planned.output_dir)
     except BaseException as err:
@@ -77,7 +78,6 @@ def run_step(planned: PlannedStep, loaded: schemas.LoadedSpec, upstream: dict[st
         raise StepFailed(f"step '{planned.name}' ({planned.kind}) failed: {_cause(err)}. Outputs of the steps "
                          f"before it are kept; fix the cause and run again to resume from here.") from err
     shutil.rmtree(ctx.ckpt_dir, ignore_errors=True)
-    result.metrics.setdefault("time/seconds", round(time.perf_counter() - started, 3))
     _log_result_metrics(client, run_id, result)
     client.set_terminated(run_id, "FINISHED")
     return result

@@ -9,6 +9,9 @@ from pydantic import Field, model_validator
 from ..base import Section, StepSpec
 
 
+BYTE_LEVEL_BASE = 256 + 5  # every byte, plus <s> </s> <unk> <pad> <mask>
+
+
 class DatasetSource(Section):
     """A corpus read through the `datasets` library (a local folder works offline)."""
 
@@ -62,6 +65,13 @@ class TokenizeSpec(StepSpec):
     """Fraction of documents held out for validation (split by document, not by token)."""
     lowercase: bool = False
     """Lowercase text before tokenizing."""
+
+    @model_validator(mode="after")
+    def _room_for_merges(self) -> "TokenizeSpec":
+        if self.algorithm == "bpe" and self.vocab_size < BYTE_LEVEL_BASE:
+            raise ValueError(f"vocab_size {self.vocab_size} is too small for byte-level BPE: its 256 byte tokens "
+                             f"and 5 special tokens come first; use at least {BYTE_LEVEL_BASE}")
+        return self
 
     def input_globs(self) -> list[str]:
         return list(self.corpus.files or []) + list((self.corpus.dataset and self.corpus.dataset.data_files) or [])

@@ -127,6 +127,13 @@ def test_cross_field_rule_names_its_section(write_spec):
                          "(got builtin, files)")
 
 
+def test_bpe_vocabulary_must_hold_the_bytes(write_spec):
+    path = write_spec("name: x\nsteps:\n  a: {kind: tokenize, corpus: {builtin: pydoc}, vocab_size: 200}\n")
+    assert one(path) == (f"{path}:3:6: steps.a: vocab_size 200 is too small for byte-level BPE: its 256 byte "
+                         "tokens and 5 special tokens come first; use at least 261")
+    assert load(path, ["steps.a.algorithm=unigram"]).spec.steps["a"].vocab_size == 200
+
+
 def test_all_problems_reported_at_once(write_spec):
     path = write_spec(f"""\
         name: bad name

@@ -1,0 +1,123 @@
+"""prefect.yaml end to end: a real Prefect server, a process work pool, `prefect deploy`, a worker, a run.
+
+Everything runs as subprocesses with their own PREFECT_HOME and database, so the session's
+prefect_test_harness is untouched; every process is stopped however the test ends.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+PREFECT = [sys.executable, "-m", "prefect"]
+POOL = "llmcycle-process"
+
+
+def test_prefect_yaml_declares_the_quickstart_deployment():
+    config = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    [deployment] = [d for d in config["deployments"] if d["name"] == "quickstart"]
+    assert deployment["entrypoint"] == "flows/pipeline.py:run_pipeline"
+    assert deployment["parameters"] == {"spec_path": "specs/quickstart.yaml"}
+    assert deployment["work_pool"]["name"] == POOL
+    assert [s["cron"] for s in deployment["schedules"]] == ["0 3 * * *"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def background(command: list[str], env: dict, log: Path):
+    """Start a process in its own session; on exit stop it and everything it started."""
+    with open(log, "w") as out:
+        proc = subprocess.Popen(command, env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        yield proc
+    finally:
+        for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
+            if proc.poll() is not None:
+                break
+            try:
+                os.killpg(proc.pid, sig)
+                proc.wait(wait)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                continue
+
+
+def api(url: str, path: str, body: dict | None = None) -> dict:
+    request = urllib.request.Request(url + path, data=json.dumps(body).encode() if body is not None else None,
+                                     headers={"Content-Type": "application/json"},
+                                     method="POST" if body is not None else "GET")
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read() or b"null")
+
+
+def wait_for_server(url: str, proc: subprocess.Popen, log: Path, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"prefect server exited:\n{log.read_text()[-3000:]}"
+        try:
+            api(url, "/health")
+            return
+        except OSError:
+            time.sleep(0.5)
+    pytest.fail(f"prefect server did not answer within {timeout} s:\n{log.read_text()[-3000:]}")
+
+
+def prefect(env: dict, *args: str, timeout: float = 120) -> str:
+    out = subprocess.run(PREFECT + list(args), env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, f"prefect {' '.join(args)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    return out.stdout
+
+
+@pytest.mark.slow
+def test_deploy_from_prefect_yaml_and_run_on_a_worker(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(f"document {i} about tokens, models and the data they learn from"
+                                  for i in range(30)))
+    spec = tmp_path / "tiny.yaml"
+    spec.write_text("name: deployed\nworkdir: out\nsteps:\n  tok:\n    kind: tokenize\n"
+                    "    corpus: {files: [corpus.txt]}\n    vocab_size: 300\n")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
+    env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_API_URL=url,
+               PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{tmp_path / 'prefect.db'}",
+               PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_UI_ENABLED="false",
+               PREFECT_WORKER_QUERY_SECONDS="1", PREFECT_CLI_PROMPT="false")
+    server_log, worker_log = tmp_path / "server.log", tmp_path / "worker.log"
+    server = PREFECT + ["server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    with background(server, env, server_log) as srv:
+        wait_for_server(url, srv, server_log)
+        prefect(env, "work-pool", "create", POOL, "--type", "process")
+        deployed = prefect(env, "--no-prompt", "deploy", "--all")
+        assert "llmcycle/quickstart" in deployed
+        deployment = api(url, "/deployments/name/llmcycle/quickstart")
+        assert deployment["schedules"][0]["schedule"]["cron"] == "0 3 * * *"
+        assert deployment["parameters"] == {"spec_path": "specs/quickstart.yaml"}
+        with background(PREFECT + ["worker", "start", "--pool", POOL], env, worker_log):
+            started = prefect(env, "deployment", "run", "llmcycle/quickstart", "--param", f"spec_path={spec}",
+                              "--watch", "--watch-timeout", "180", timeout=240)
+        flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", started).group(1)
+        flow_run = api(url, f"/flow_runs/{flow_run_id}")
+    assert flow_run["state"]["type"] == "COMPLETED", worker_log.read_text()[-3000:]
+    assert flow_run["parameters"]["spec_path"] == str(spec)
+    results = list((tmp_path / "out" / "tok").glob("*/result.json"))
+    assert len(results) == 1 and json.loads(results[0].read_text())["metrics"]["vocab_size"] <= 300
+    assert (tmp_path / "out" / "mlflow.db").is_file()
