@@ -153,3 +153,17 @@ def load_preferences(data, ctx, tokenizer=None) -> tuple[list[dict], list[dict]]
     if not pairs:
         raise ValueError("data: no training preference pairs left after holding out the eval rows")
     return pairs, held
+
+
+def normalize_messages_prompt(row: dict, where: str, tokenizer=None) -> dict:
+    """A prompt row {prompt, ...}; chat `messages` (or a message-list prompt) rendered to text."""
+    if "prompt" not in row and "messages" not in row:
+        raise ValueError(f"{where}: prompt rows need 'prompt' (or chat 'messages'); got keys "
+                         f"{', '.join(sorted(row)) or 'none'}")
+    out = dict(row)
+    messages = row["prompt"] if isinstance(row.get("prompt"), list) else row.get("messages")
+    if messages is not None:
+        if messages and messages[-1].get("role") == "assistant":  # a full chat: prompt with everything before
+            messages = messages[:-1]
+        out["prompt"] = render_messages(messages, tokenizer, generation_prompt=True)
+    return out

@@ -1,0 +1,186 @@
+"""The `ppo` step: optimize a policy with PPO against a reward model and/or verifiable rewards.
+
+Reads the policy (usually the SFT model), a reward model step or folder, and prompts; writes the
+final policy as `model/` (and `adapter/` with LoRA), logs per-iteration curves, a held-out comparison
+of the initial and final policy (reward-model score and true reward, so reward hacking shows) and
+sample completions. Algorithm: Schulman et al. 2017 (PPO), Ziegler et al. 2019 and Ouyang et al. 2022
+(KL-penalized RLHF), Huang et al. 2024 (implementation details); see ALGORITHMS.md §1.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+import time
+
+import lightning as L
+import torch
+
+from components.context import StepContext, StepOutput
+from schemas.steps.ppo import PPOSpec
+
+SAMPLE_BATCH = 64  # held-out prompts generated per batch
+
+
+def load_prompts(spec: PPOSpec, ctx: StepContext, tokenizer=None) -> tuple[list[dict], list[dict]]:
+    """(train, held-out) prompt rows; builtin rows carry the task's answer for verifiable rewards."""
+    from components.preferences import normalize_messages_prompt, read_jsonl
+
+    data = spec.prompts
+    if data.builtin == "tasks":
+        from components.tasks import make_examples
+
+        rows = make_examples(ctx.seed, "train", data.n_per_task, data.tasks)
+        held = make_examples(ctx.seed, "eval", max(4, data.n_per_task // 4), data.tasks)
+        return _fill(rows, spec.rollouts), held
+    rows = [normalize_messages_prompt(r, where, tokenizer) for where, r in
+            read_jsonl(data.files, ctx.resolve_path, "prompts.files")]
+    held = [normalize_messages_prompt(r, where, tokenizer) for where, r in
+            read_jsonl(data.eval_files or [], ctx.resolve_path, "prompts.eval_files")]
+    if not held:
+        random.Random(ctx.seed).shuffle(rows)
+        k = max(1, int(len(rows) * data.eval_fraction))
+        held, rows = rows[:k], rows[k:]
+    return _fill(rows, spec.rollouts), held
+
+
+def _fill(rows: list[dict], batch: int) -> list[dict]:
+    """Repeat a short prompt list so that it fills at least one rollout batch."""
+    return rows * -(-batch // len(rows)) if 0 < len(rows) < batch else rows
+
+
+def load_policy(source: str):
+    """(policy, tokenizer) with dropout off and a pad token for left padding."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl.trainer.utils import disable_dropout_in_model
+
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token  # masks, not pad ids, decide what counts in PPO
+    policy = AutoModelForCausalLM.from_pretrained(source)
+    disable_dropout_in_model(policy)
+    return policy, tokenizer
+
+
+def load_scorer(spec: PPOSpec, ctx: StepContext, tokenizer, rows: list[dict]):
+    """(Scorer, reward model or None): reward model (frozen, centred) and verifiable reward functions."""
+    from transformers import AutoModelForSequenceClassification
+    from trl.trainer.utils import disable_dropout_in_model
+
+    from components.ppo.module import Scorer
+    from components.reward_model import read_reward_stats
+    from components.rewards import get_reward
+
+    rm, mean = None, 0.0
+    if spec.reward_model is not None:
+        source = _reward_model_source(spec.reward_model, ctx)
+        rm = AutoModelForSequenceClassification.from_pretrained(source).requires_grad_(False).eval()
+        disable_dropout_in_model(rm)
+        if rm.config.vocab_size < len(tokenizer):
+            raise ValueError(f"reward_model: its vocabulary ({rm.config.vocab_size}) is smaller than the policy's "
+                             f"({len(tokenizer)}); train the reward model from the policy (reward_model.model)")
+        stats = ctx.step(spec.reward_model).info if spec.reward_model in ctx.upstream else {}
+        mean = float(stats.get("reference_mean", read_reward_stats(source).get("reference_mean", 0.0)))
+    fn = get_reward(spec.reward.function, spec.reward.module) if spec.reward else None
+    true_name = spec.true_reward or (spec.reward.function if spec.reward else None) or \
+        ("exact_match" if rows and "answer" in rows[0] else None)
+    true_fn = get_reward(true_name, spec.reward.module if spec.reward else None) if true_name else None
+    weight = spec.reward.weight if spec.reward else 1.0
+    return Scorer(rm, mean, fn, weight, true_fn, tokenizer), rm
+
+
+def _reward_model_source(ref: str, ctx: StepContext) -> str:
+    from schemas.base import is_external
+
+    if not is_external(ref):
+        return str(ctx.step(ref).path("reward_model"))
+    return ctx.model_source(ref)
+
+
+def build_module(spec: PPOSpec, ctx: StepContext, policy, tokenizer, scorer, rm):
+    """The Lightning module: LoRA or full policy, frozen reference, critic from the RM or a value head."""
+    from components.ppo.module import PPOModule
+
+    reference = None
+    if spec.peft.method == "lora":
+        from components.peft_methods import apply_peft
+
+        policy = apply_peft(policy, spec.peft)
+    else:
+        reference = copy.deepcopy(policy).requires_grad_(False).eval()
+    critic_kind = spec.critic if spec.critic != "auto" else ("reward_model" if rm is not None else "value_head")
+    critic = value_head = None
+    if critic_kind == "reward_model":
+        critic = copy.deepcopy(rm).requires_grad_(True).train()
+    else:
+        value_head = torch.nn.Linear(policy.config.hidden_size, 1)
+        torch.nn.init.zeros_(value_head.weight)
+        torch.nn.init.zeros_(value_head.bias)
+    steps = spec.iterations * spec.epochs * spec.minibatches
+    return PPOModule(
+        policy, tokenizer, scorer, reference=reference, critic=critic, value_head=value_head,
+        optimizer=spec.optimizer, schedule=spec.schedule, total_steps=steps, grad_clip=spec.grad_clip,
+        epochs=spec.epochs, minibatches=spec.minibatches, temperature=spec.temperature,
+        max_new_tokens=spec.max_new_tokens, max_prompt_length=spec.prompts.max_length, kl_coef=spec.kl.coef,
+        kl_target=spec.kl.target, kl_horizon=spec.kl.horizon, kl_estimator=spec.kl.estimator, gamma=spec.gamma,
+        lam=spec.lam, clip=spec.clip, value_clip=spec.value_clip, vf_coef=spec.vf_coef,
+        whiten_rewards=spec.whiten_rewards, missing_eos_penalty=spec.missing_eos_penalty, seed=ctx.seed)
+
+
+@torch.no_grad()
+def evaluate_policy(module, rows: list[dict], seed: int, greedy: bool = False) -> tuple[dict, list[str]]:
+    """Mean score, model score, true reward and KL on held-out prompts; also the completions."""
+    from components.ppo.module import evaluation
+
+    sums: dict[str, float] = {}
+    texts: list[str] = []
+    with evaluation(module), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for i in range(0, len(rows), SAMPLE_BATCH):
+            part = rows[i:i + SAMPLE_BATCH]
+            roll, extras = module.rollout(part, greedy=greedy)
+            values = {"score": roll.scores, "kl": extras["kl"].sum(1), "length": roll.valid.sum(1).float()}
+            values.update({k: extras[k] for k in ("model_score", "true_reward") if k in extras})
+            for k, v in values.items():
+                sums[k] = sums.get(k, 0.0) + float(v.sum())
+            texts += module.tokenizer.batch_decode(roll.responses, skip_special_tokens=True)
+    return {k: v / len(rows) for k, v in sums.items()}, texts
+
+
+def _held_out(module, rows: list[dict], seed: int, when: str) -> tuple[dict[str, float], list[str]]:
+    sampled, texts = evaluate_policy(module, rows, seed)
+    greedy, _ = evaluate_policy(module, rows, seed, greedy=True)
+    metrics = {f"eval/{when}_{k}": v for k, v in sampled.items()}
+    metrics.update({f"eval/{when}_{k}_greedy": v for k, v in greedy.items() if k in ("true_reward", "model_score")})
+    return metrics, texts
+
+
+def run(spec: PPOSpec, ctx: StepContext) -> StepOutput:
+    """Load policy, reward and prompts; train PPO iterations with Lightning; compare held-out; save and log."""
+    from torch.utils.data import DataLoader
+
+    from components.ppo.trainer import make_ppo_trainer, save_policy, log_results
+
+    L.seed_everything(ctx.seed, workers=True, verbose=False)
+    policy, tokenizer = load_policy(ctx.model_source(spec.policy))
+    train_rows, eval_rows = load_prompts(spec, ctx, tokenizer)
+    scorer, rm = load_scorer(spec, ctx, tokenizer, eval_rows)
+    module = build_module(spec, ctx, policy, tokenizer, scorer, rm)
+
+    initial, initial_texts = _held_out(module, eval_rows, ctx.seed, "initial")
+    gen = torch.Generator().manual_seed(ctx.seed)
+    loader = DataLoader(train_rows, batch_size=spec.rollouts, shuffle=True, generator=gen, drop_last=True,
+                        collate_fn=list)
+    trainer = make_ppo_trainer(ctx, spec)
+    start = time.perf_counter()
+    from components.training import fit
+
+    fit(trainer, module, ctx=ctx, train_dataloaders=loader)
+    seconds = time.perf_counter() - start
+    final, final_texts = _held_out(module, eval_rows, ctx.seed, "final")
+
+    metrics = {**initial, **final, **{k: v for k, v in module.history[-1].items()}, "perf/train_seconds": seconds}
+    outputs = save_policy(module, tokenizer, ctx, spec)
+    log_results(ctx, spec, module, eval_rows, initial_texts, final_texts, outputs)
+    return StepOutput(outputs=outputs, metrics=metrics,
+                      info={"iterations": len(module.history), "true_reward": final.get("eval/final_true_reward")})
