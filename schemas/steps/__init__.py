@@ -1,5 +1,7 @@
 """The step kinds. Adding a kind: write its module here and add its spec to STEP_SPECS."""
 
+from .constitutional import ConstitutionalSpec
+from .dpo import DpoSpec
 from .optimize import OptimizeSpec
 from .register import RegisterSpec
 from .reward_model import RewardModelSpec
@@ -10,4 +12,6 @@ STEP_SPECS = (
     RewardModelSpec,
     RegisterSpec,
     OptimizeSpec,
+    DpoSpec,
+    ConstitutionalSpec,
 )
