@@ -3,6 +3,7 @@
 from .constitutional import ConstitutionalSpec
 from .dpo import DpoSpec
 from .optimize import OptimizeSpec
+from .ppo import PPOSpec
 from .register import RegisterSpec
 from .reward_model import RewardModelSpec
 from .tokenize import TokenizeSpec
@@ -10,6 +11,7 @@ from .tokenize import TokenizeSpec
 STEP_SPECS = (
     TokenizeSpec,
     RewardModelSpec,
+    PPOSpec,
     RegisterSpec,
     OptimizeSpec,
     DpoSpec,
