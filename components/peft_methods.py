@@ -42,8 +42,10 @@ def peft_config(spec: PeftSpec, tokenizer=None):
     from peft import IA3Config, LoraConfig, PromptTuningConfig, PromptTuningInit, TaskType
 
     if spec.method == "lora":
+        # peft takes the shorthand only as a bare string
+        targets = "all-linear" if spec.target_modules == ["all-linear"] else spec.target_modules
         return LoraConfig(task_type=TaskType.CAUSAL_LM, r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
-                          target_modules=spec.target_modules, use_rslora=spec.use_rslora, use_dora=spec.use_dora)
+                          target_modules=targets, use_rslora=spec.use_rslora, use_dora=spec.use_dora)
     if spec.method == "ia3":
         ff = spec.feedforward_modules
         if spec.target_modules and ff is None:

@@ -2,6 +2,7 @@
 
 from .constitutional import ConstitutionalSpec
 from .dpo import DpoSpec
+from .finetune import FinetuneSpec
 from .optimize import OptimizeSpec
 from .ppo import PPOSpec
 from .register import RegisterSpec
@@ -10,6 +11,7 @@ from .tokenize import TokenizeSpec
 
 STEP_SPECS = (
     TokenizeSpec,
+    FinetuneSpec,
     RewardModelSpec,
     PPOSpec,
     RegisterSpec,
