@@ -43,6 +43,18 @@ def resolve_precision(precision: str, accelerator: str = "auto") -> str:
     return "bf16-mixed" if cpu_has_fast_bf16() else "32-true"
 
 
+def resolve_strategy(strategy: str) -> str:
+    """Map `ddp` to `ddp_spawn` unless an external launcher (torchrun, SLURM) started this process.
+
+    Lightning's `ddp` re-executes sys.argv in each child process, which from inside a pipeline would run
+    the whole Prefect flow again; `ddp_spawn` starts workers that only run the fit.
+    """
+    import os
+
+    launched = any(k in os.environ for k in ("LOCAL_RANK", "SLURM_NTASKS", "TORCHELASTIC_RUN_ID"))
+    return "ddp_spawn" if strategy == "ddp" and not launched else strategy
+
+
 def total_steps(spec: TrainingStepSpec, tokens_per_step: int) -> int:
     """Optimizer steps implied by max_steps or max_tokens."""
     if spec.max_steps is not None:
@@ -176,7 +188,7 @@ def make_trainer(ctx: StepContext, spec: TrainingStepSpec, steps: int, params: i
     logger = StepLogger(run_id=ctx.run_id, tracking_uri=ctx.tracking_uri) if ctx.run_id else False
     t = ctx.trainer
     return L.Trainer(
-        accelerator=t.accelerator, devices=t.devices, strategy=t.strategy, num_nodes=t.num_nodes,
+        accelerator=t.accelerator, devices=t.devices, strategy=resolve_strategy(t.strategy), num_nodes=t.num_nodes,
         precision=resolve_precision(t.precision, t.accelerator), max_steps=steps, max_epochs=-1,
         accumulate_grad_batches=spec.accumulate, gradient_clip_val=spec.grad_clip,
         val_check_interval=spec.val_every * spec.accumulate if validate else None,

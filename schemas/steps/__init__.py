@@ -2,16 +2,18 @@
 
 from .constitutional import ConstitutionalSpec
 from .dpo import DpoSpec
-from .finetune import FinetuneSpec
+from .evaluate import EvaluateSpec
 from .optimize import OptimizeSpec
 from .ppo import PPOSpec
+from .pretrain import PretrainSpec
 from .register import RegisterSpec
 from .reward_model import RewardModelSpec
 from .tokenize import TokenizeSpec
 
 STEP_SPECS = (
     TokenizeSpec,
-    FinetuneSpec,
+    PretrainSpec,
+    EvaluateSpec,
     RewardModelSpec,
     PPOSpec,
     RegisterSpec,

@@ -1,0 +1,100 @@
+"""Decode text from a causal LM with transformers' `generate` (greedy, sampling, top-k, top-p, beam search).
+
+Decoding itself is transformers' (temperature, `TopKLogitsWarper`, `TopPLogitsWarper`, `BeamSearchScorer`
+semantics; Holtzman et al. 2020 for top-p); this module only maps a strategy name onto a GenerationConfig
+and batches prompts with left padding so every row's continuation starts at the same column.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+STRATEGIES = ("greedy", "sample", "top_k", "top_p", "beam")
+
+
+def decoding_kwargs(strategy: str, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                    num_beams: int = 4, length_penalty: float = 1.0, **_: Any) -> dict:
+    """GenerationConfig fields for a strategy; every warper a strategy does not use is switched off."""
+    off = {"top_k": 0, "top_p": 1.0, "temperature": 1.0, "num_beams": 1}  # HF defaults top_k to 50
+    if strategy == "greedy":
+        return {**off, "do_sample": False}
+    if strategy == "sample":
+        return {**off, "do_sample": True, "temperature": temperature}
+    if strategy == "top_k":
+        if top_k < 1:
+            raise ValueError(f"strategy top_k needs top_k >= 1, got {top_k}")
+        return {**off, "do_sample": True, "temperature": temperature, "top_k": top_k}
+    if strategy == "top_p":
+        if not 0 < top_p <= 1:
+            raise ValueError(f"strategy top_p needs 0 < top_p <= 1, got {top_p}")
+        return {**off, "do_sample": True, "temperature": temperature, "top_p": top_p}
+    if strategy == "beam":
+        if num_beams < 1:
+            raise ValueError(f"strategy beam needs num_beams >= 1, got {num_beams}")
+        return {**off, "do_sample": False, "num_beams": num_beams, "length_penalty": length_penalty,
+                "early_stopping": True}
+    raise ValueError(f"unknown decoding strategy '{strategy}'; expected one of {', '.join(STRATEGIES)}")
+
+
+def encode_prompts(tokenizer, prompts: list[str], device=None) -> dict:
+    """Left-padded input_ids/attention_mask; an empty prompt starts from BOS (or EOS) so it has a token."""
+    import torch
+
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    rows = [tokenizer(p, add_special_tokens=False)["input_ids"] or [start] for p in prompts]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row):] = torch.tensor(row)
+        mask[i, width - len(row):] = 1
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+
+
+def generation_config(tokenizer, strategy: str = "greedy", max_new_tokens: int = 32, **opts: Any):
+    """A GenerationConfig for `strategy` with the tokenizer's special ids."""
+    from transformers import GenerationConfig
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return GenerationConfig(max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
+                            bos_token_id=tokenizer.bos_token_id, **decoding_kwargs(strategy, **opts))
+
+
+def generate_texts(model, tokenizer, prompts: list[str], strategy: str = "greedy", max_new_tokens: int = 32,
+                   temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, num_beams: int = 4,
+                   length_penalty: float = 1.0, seed: int = 0, batch_size: int = 16) -> list[str]:
+    """Generate a continuation for each prompt; return only the generated text, not the prompt."""
+    import torch
+
+    config = generation_config(tokenizer, strategy, max_new_tokens, temperature=temperature, top_k=top_k,
+                               top_p=top_p, num_beams=num_beams, length_penalty=length_penalty)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    texts: list[str] = []
+    try:
+        with torch.random.fork_rng(devices=[]), torch.inference_mode():
+            torch.manual_seed(seed)
+            for i in range(0, len(prompts), batch_size):
+                batch = encode_prompts(tokenizer, prompts[i:i + batch_size], device)
+                out = model.generate(**batch, generation_config=config)
+                new = out[:, batch["input_ids"].shape[1]:]
+                texts += tokenizer.batch_decode(new, skip_special_tokens=True)
+    finally:
+        model.train(was_training)
+    return texts
+
+
+def generate_ids(model, tokenizer, prompts: list[str], strategy: str = "greedy", max_new_tokens: int = 32,
+                 seed: int = 0, **opts: Any):
+    """Like generate_texts but return the full `generate` output (sequences and, for beams, scores)."""
+    import torch
+
+    config = generation_config(tokenizer, strategy, max_new_tokens, **opts)
+    config.return_dict_in_generate, config.output_scores = True, True
+    model.eval()
+    with torch.random.fork_rng(devices=[]), torch.inference_mode():
+        torch.manual_seed(seed)
+        batch = encode_prompts(tokenizer, prompts, next(model.parameters()).device)
+        return model.generate(**batch, generation_config=config), batch

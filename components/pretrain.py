@@ -1,0 +1,263 @@
+"""`pretrain`: train a transformer on a tokenize step's token files with a causal or masked objective.
+
+Reads: the tokenize step's `tokenizer` and `tokens` (or an existing model with `init_from`).
+Writes: `model/` (a transformers folder, safetensors, with the tokenizer), `loss_curve.png`,
+`curve.json`; logs train/loss, val/loss, val/perplexity, lr, tokens/s and FLOP/s to the step's run, and
+the model with MLflow's transformers flavor. Objectives: next-token prediction (Radford et al. 2018)
+or BERT's masked LM (Devlin et al. 2019: 15% of non-special tokens, 80% [MASK] / 10% random / 10% kept).
+Optional compute-optimal sizing follows Hoffmann et al. 2022 (components/sizing.py).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor
+
+from components import models
+from components.context import StepContext, StepOutput
+from components.data import TokenDataModule
+from components.training import count_parameters, fit, make_trainer, total_steps
+from schemas.base import OptimizerSpec, ScheduleSpec
+from schemas.steps.pretrain import PretrainSpec
+
+MAX_INIT_CONTEXT = 512  # block length when continuing a model whose positions allow more
+# The curve file shares ctx.ckpt_dir with the checkpoints (the one folder that survives a kill).
+warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
+
+
+def make_collator(tokenizer, probability: float = 0.15, seed: int = 0):
+    """transformers' MLM collator with its own seeded generator (so masking never draws from the global RNG)."""
+    from transformers import DataCollatorForLanguageModeling
+
+    collator = DataCollatorForLanguageModeling(tokenizer, mlm=True, mlm_probability=probability)
+    collator.generator = torch.Generator().manual_seed(seed)
+    return collator
+
+
+def mask_tokens(collator, ids: torch.Tensor, special_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, labels) of BERT masking; special tokens (EOS between documents, pads) are never selected."""
+    special = torch.isin(ids, special_ids)
+    inputs, labels = collator.torch_mask_tokens(ids.detach().cpu().clone(), special_tokens_mask=special.cpu())
+    return inputs.to(ids.device), labels.to(ids.device)
+
+
+class LMModule(L.LightningModule):
+    """A transformers LM trained on token blocks; logs losses and perplexity, never touches MLflow."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: OptimizerSpec, schedule: ScheduleSpec, steps: int,
+                 objective: str = "causal", tokenizer=None, mlm_probability: float = 0.15, seed: int = 0):
+        super().__init__()
+        self.save_hyperparameters(ignore=["model", "optimizer", "schedule", "tokenizer"])
+        self.model, self.optimizer_spec, self.schedule_spec = model, optimizer, schedule
+        self.tokens_in_batch = 0
+        if objective == "masked":
+            self.train_collator = make_collator(tokenizer, mlm_probability, seed)
+            self.val_collator = make_collator(tokenizer, mlm_probability, seed + 1)
+            self.register_buffer("special_ids", torch.tensor(sorted(tokenizer.all_special_ids)), persistent=False)
+
+    def _loss(self, batch: torch.Tensor, collator=None) -> torch.Tensor:
+        if self.hparams.objective == "masked":
+            inputs, labels = mask_tokens(collator, batch, self.special_ids)
+            return self.model(input_ids=inputs, labels=labels).loss
+        return self.model(input_ids=batch, labels=batch).loss
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        self.tokens_in_batch = batch.numel()
+        loss = self._loss(batch, getattr(self, "train_collator", None))
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_sum, self._val_n = 0.0, 0
+        if self.hparams.objective == "masked":  # the same masks at every validation, so rounds compare
+            self.val_collator.generator.manual_seed(self.hparams.seed + 1)
+
+    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        loss = self._loss(batch, getattr(self, "val_collator", None))
+        self._val_sum += float(loss) * batch.shape[0]
+        self._val_n += batch.shape[0]
+
+    def on_validation_epoch_end(self) -> None:
+        stats = torch.tensor([self._val_sum, float(self._val_n)], dtype=torch.float64, device=self.device)
+        stats = self.trainer.strategy.reduce(stats, reduce_op="sum") if self.trainer.world_size > 1 else stats
+        loss = float(stats[0] / max(float(stats[1]), 1.0))
+        self.log_dict({"val/loss": loss, "val/perplexity": math.exp(min(loss, 50.0))}, prog_bar=True,
+                      sync_dist=True)
+
+    def configure_optimizers(self):
+        from components.training import configure_optimizer
+
+        return configure_optimizer(self.model.named_parameters(), self.optimizer_spec, self.schedule_spec,
+                                   self.hparams.steps)
+
+
+class CurveRecorder(Callback):
+    """Append train and validation losses to a JSONL file beside the checkpoints, so the curve survives a
+    resume and a spawned DDP run (whose callbacks live in child processes)."""
+
+    def __init__(self, path: Path, every: int = 10):
+        self.path, self.every = path, every
+
+    def _write(self, trainer, row: dict) -> None:
+        if trainer.is_global_zero:
+            with open(self.path, "a") as fh:
+                fh.write(json.dumps(row) + "\n")
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if trainer.global_step % self.every == 0 and loss is not None:
+            self._write(trainer, {"step": trainer.global_step, "train/loss": float(loss)})
+
+    def on_train_end(self, trainer, module) -> None:
+        end = {k: float(v) for k, v in trainer.callback_metrics.items()
+               if k in ("train/loss", "perf/tokens_per_s", "perf/flops_per_s")}
+        self._write(trainer, {"step": trainer.global_step, "end": end})
+
+    def on_validation_end(self, trainer, module) -> None:
+        if "val/loss" in trainer.callback_metrics and not trainer.sanity_checking:
+            self._write(trainer, {"step": trainer.global_step,
+                                  "val/loss": float(trainer.callback_metrics["val/loss"])})
+
+
+def read_curve(path: Path) -> tuple[dict[str, list[tuple[int, float]]], dict]:
+    """({"train/loss": [(step, loss)], "val/loss": [...]}, the end-of-training row), keeping the latest value
+    per step (a resumed run repeats the steps between its last checkpoint and the kill)."""
+    curves: dict[str, dict[int, float]] = {"train/loss": {}, "val/loss": {}}
+    end: dict = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            if "end" in row:
+                end = {"step": row["step"], **row["end"]}
+            for key in curves:
+                if key in row:
+                    curves[key][row["step"]] = row[key]
+    return {k: sorted(v.items()) for k, v in curves.items()}, end
+
+
+def record(ctx: StepContext, path: Path, step: int, loss: float) -> None:
+    """Add a validation point measured outside the Trainer to the curve and to the step's run."""
+    with open(path, "a") as fh:
+        fh.write(json.dumps({"step": step, "val/loss": loss}) + "\n")
+    ctx.log_metrics({"val/loss": loss, "val/perplexity": math.exp(min(loss, 50.0))}, step=step)
+
+
+@torch.no_grad()
+def validation_loss(module: LMModule, data: TokenDataModule, trainer: L.Trainer) -> float:
+    """Mean validation loss of the module's current weights, under the Trainer's precision."""
+    data.setup("validate")
+    was_training = module.training
+    module.eval()
+    module.on_validation_epoch_start()
+    try:
+        with trainer.precision_plugin.val_step_context():
+            for i, batch in enumerate(data.val_dataloader()):
+                module.validation_step(batch.to(module.device), i)
+    finally:
+        module.train(was_training)
+    return module._val_sum / max(module._val_n, 1)
+
+
+def plot_curve(curves: dict, path: Path, title: str) -> None:
+    """Save the loss curve (train and validation) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, style in (("train/loss", "-"), ("val/loss", "o-")):
+        if curves[key]:
+            ax.plot(*zip(*curves[key]), style, label=key)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def build(spec: PretrainSpec, ctx: StepContext, tokenizer) -> tuple[torch.nn.Module, int, PretrainSpec]:
+    """The model to train, its block length, and the spec with sizing applied."""
+    shape = spec.sized()
+    if shape is not None:
+        model_spec = spec.model.model_copy(update={"layers": shape.layers, "hidden": shape.hidden,
+                                                   "heads": shape.heads, "intermediate": shape.intermediate})
+        spec = spec.model_copy(update={"model": model_spec, "max_tokens": shape.tokens})
+        print(f"{ctx.name}: sizing ({shape.rule}) chose layers={shape.layers} hidden={shape.hidden} "
+              f"heads={shape.heads}: N={shape.params:,} non-embedding params, D={shape.tokens:,} tokens, "
+              f"C={shape.flops:.3g} FLOPs", flush=True)
+    if spec.model is not None:
+        return models.build_model(spec.model, tokenizer, spec.objective), spec.model.context, spec
+    source = ctx.model_source(spec.init_from)
+    model = (models.load_masked_lm if spec.objective == "masked" else models.load_causal_lm)(source)
+    if model.get_input_embeddings().num_embeddings < len(tokenizer):
+        raise ValueError(f"init_from model has {model.get_input_embeddings().num_embeddings} embeddings but "
+                         f"tokenizer '{spec.tokenizer}' has {len(tokenizer)} tokens; use the model's own tokenizer")
+    return model, min(models.context_length(model), MAX_INIT_CONTEXT), spec
+
+
+def run(spec: PretrainSpec, ctx: StepContext) -> StepOutput:
+    """Build or load the model, train it on the token blocks, save and log it."""
+    L.seed_everything(ctx.seed, workers=True, verbose=False)
+    upstream = ctx.step(spec.tokenizer)
+    tokenizer = models.load_tokenizer(str(upstream.path("tokenizer")))
+    model, context, spec = build(spec, ctx, tokenizer)
+    params, _ = count_parameters(model)
+    embedding = model.get_input_embeddings().weight.numel()
+    data = TokenDataModule(str(upstream.path("tokens")), context=context, batch_size=spec.batch_size,
+                           val_batches=spec.val_batches, seed=ctx.seed)
+    world = _world_size(ctx)
+    steps = total_steps(spec, spec.batch_size * spec.accumulate * context * world)
+    module = LMModule(model, spec.optimizer, spec.schedule, steps, spec.objective, tokenizer,
+                      spec.mlm_probability, ctx.seed)
+    curve_path = ctx.ckpt_dir / "curve.jsonl"
+    ctx.ckpt_dir.mkdir(parents=True, exist_ok=True)
+    callbacks = [CurveRecorder(curve_path)] + ([LearningRateMonitor(logging_interval="step")] if ctx.run_id else [])
+    trainer = make_trainer(ctx, spec, steps, params=params, callbacks=callbacks)
+    # Validate in this process (not trainer.validate): with ddp_spawn each trainer call spawns workers.
+    initial = validation_loss(module, data, trainer)
+    record(ctx, curve_path, 0, initial)
+    fit(trainer, module, datamodule=data, ctx=ctx)
+    curves, end = read_curve(curve_path)
+    done = int(end.get("step", trainer.global_step))
+    if not curves["val/loss"] or curves["val/loss"][-1][0] != done:
+        record(ctx, curve_path, done, validation_loss(module, data, trainer))
+        curves, _ = read_curve(curve_path)
+    final = curves["val/loss"][-1][1]
+
+    folder = ctx.out_dir / "model"
+    module.model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    plot_curve(curves, ctx.out_dir / "loss_curve.png", f"{ctx.name}: {spec.objective} LM, {params:,} params")
+    (ctx.out_dir / "curve.json").write_text(json.dumps(curves))
+    ctx.log_artifact(ctx.out_dir / "loss_curve.png")
+    uri = ""
+    if spec.log_model:
+        from components.mlflow_models import log_transformers_model
+
+        uri = log_transformers_model(ctx, folder, task="fill-mask" if spec.objective == "masked" else "text-generation")
+    tokens_seen = done * spec.batch_size * spec.accumulate * context * world
+    metrics = {"val/loss": final, "val/perplexity": math.exp(min(final, 50.0)),
+               "val/loss_initial": float(initial), "val/perplexity_initial": math.exp(min(float(initial), 50.0)),
+               "params": params, "params/non_embedding": params - embedding, "tokens_seen": tokens_seen,
+               "steps": done, "flops": 6.0 * params * tokens_seen}
+    metrics.update({k: v for k, v in end.items() if k != "step"})
+    print(f"{ctx.name}: val perplexity {metrics['val/perplexity_initial']:.1f} -> {metrics['val/perplexity']:.2f} "
+          f"after {done} steps ({tokens_seen:,} tokens)", flush=True)
+    return StepOutput(outputs={"model": "model", "tokenizer": "model"}, metrics=metrics,
+                      info={"objective": spec.objective, "context": context, "model_uri": uri,
+                            "curve": curves["val/loss"]})
+
+
+def _world_size(ctx: StepContext) -> int:
+    t = ctx.trainer
+    devices = t.devices if isinstance(t.devices, int) else len(str(t.devices).split(",")) if t.devices != "auto" else 1
+    return max(1, devices) * t.num_nodes
