@@ -4,6 +4,7 @@ import collections
 import json
 import math
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -127,3 +128,33 @@ def test_step_runs_end_to_end_and_its_data_feeds_dpo(tiny_lm, tmp_path):
                     batch_size=2, max_steps=2, val_every=2, val_batches=1)
     dctx = make_ctx(tmp_path, name="dpo", kind="dpo", upstream={"cai": result})
     assert dpo.run(dspec, dctx).metrics["data/train_pairs"] == 3
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_hub_spec_runs_on_a_tiny_local_qwen2_with_a_chat_template(tiny_lm, tmp_path):
+    """No machine here can download the 0.5B model: the same spec runs on a tiny Qwen2 saved the same way."""
+    import schemas
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tiny_lm)
+    tok.chat_template = CHAT_TEMPLATE
+    config = Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    Qwen2ForCausalLM(config).save_pretrained(tmp_path / "tiny-qwen")
+    tok.save_pretrained(tmp_path / "tiny-qwen")
+    spec_path = tmp_path / "constitutional-hub.yaml"
+    spec_path.write_text((Path(__file__).resolve().parents[2] / "specs" / "constitutional-hub.yaml").read_text())
+    loaded = schemas.load(spec_path, [
+        "steps.cai.model=./tiny-qwen", "steps.cai.prompts.limit=4", "steps.cai.rounds=1",
+        "steps.cai.sampling.max_new_tokens=4", "steps.cai.max_length=128", "steps.cai.batch_size=2",
+        "steps.cai.max_steps=2", "steps.cai.val_every=2", "steps.cai.val_batches=1"])
+    spec = loaded.spec.steps["cai"]
+    ctx = make_ctx(tmp_path, name="cai", kind="constitutional", base_dir=tmp_path)
+    out = cai.run(spec, ctx)
+    sft = [json.loads(line) for line in (ctx.out_dir / "data" / "sft.jsonl").read_text().splitlines()]
+    assert all(r["prompt"].startswith("<|im_start|>user\n") for r in sft)  # the policy is asked in its chat format
+    assert out.metrics["labels/pairs"] == 2 and "model" in out.outputs
