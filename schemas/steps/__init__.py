@@ -3,6 +3,7 @@
 from .constitutional import ConstitutionalSpec
 from .dpo import DpoSpec
 from .evaluate import EvaluateSpec
+from .monitor import MonitorSpec
 from .optimize import OptimizeSpec
 from .ppo import PPOSpec
 from .pretrain import PretrainSpec
@@ -18,6 +19,7 @@ STEP_SPECS = (
     PPOSpec,
     RegisterSpec,
     OptimizeSpec,
+    MonitorSpec,
     DpoSpec,
     ConstitutionalSpec,
 )

@@ -1,0 +1,87 @@
+"""monitor: same-distribution data passes; renamed/re-typed fields, foreign text and gibberish are reported by name."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from components import monitor
+from schemas.steps.monitor import MonitorSpec
+from tests.conftest import make_ctx
+
+
+@pytest.fixture(scope="module")
+def pydoc_lm(tiny_lm, tokenized, tmp_path_factory):
+    """The tiny model after 60 AdamW steps on the pydoc tokens: it now knows what pydoc text looks like."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from components.data import read_tokens
+
+    train = read_tokens(tokenized.path("tokens"), "train")
+    tokens = torch.from_numpy(train[:len(train) // 64 * 64].astype("int64")).view(-1, 64)
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(60):
+        batch = tokens[torch.randint(0, len(tokens), (8,), generator=generator)]
+        model(input_ids=batch, labels=batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    folder = tmp_path_factory.mktemp("pydoc_lm")
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tiny_lm).save_pretrained(folder)
+    return folder
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path.name
+
+
+def pydoc_rows(start, stop):
+    from pydoc_data.topics import topics
+
+    return [{"text": topics[k], "source": k} for k in sorted(topics)[start:stop]]
+
+
+def check(tmp_path, model, data_rows, **fields):
+    write_jsonl(tmp_path / "reference.jsonl", pydoc_rows(0, 40))
+    write_jsonl(tmp_path / "new.jsonl", data_rows)
+    spec = MonitorSpec(kind="monitor", model=str(model), data={"files": ["new.jsonl"]},
+                       reference={"files": ["reference.jsonl"]}, context=64, windows=8, **fields)
+    ctx = make_ctx(tmp_path, name="drift", kind="monitor")
+    return monitor.run(spec, ctx), ctx
+
+
+def test_same_distribution_passes(tmp_path, pydoc_lm):
+    out, ctx = check(tmp_path, pydoc_lm, pydoc_rows(40, 70))
+    m = out.metrics
+    assert out.info["findings"] == [] and m["schema/errors"] == 0
+    assert m["drift/js_divergence"] < 0.1 and m["drift/perplexity_ratio"] < 1.3
+    assert (ctx.out_dir / "report.md").read_text().startswith("# Drift report")
+
+
+def test_drift_is_reported_by_name_and_fails(tmp_path, pydoc_lm):
+    rng = random.Random(0)
+    rows = pydoc_rows(40, 60)
+    rows += [{"body": r["text"], "source": r["source"]} for r in pydoc_rows(60, 65)]  # a renamed field
+    rows += [{"text": 12345, "source": "ids"}] * 3  # a re-typed field
+    greek = "Η γρήγορη καφέ αλεπού πηδάει πάνω από τον τεμπέλη σκύλο. "
+    rows += [{"text": greek * 20, "source": "el"}] * 10
+    rows += [{"text": " ".join("".join(rng.choice("qxzjvkw") for _ in range(7)) for _ in range(300)),
+              "source": "noise"} for _ in range(10)]
+    out, _ = check(tmp_path, pydoc_lm, rows, on_drift="warn")
+    m, findings = out.metrics, out.info["findings"]
+    assert m["schema/errors"] == 8
+    report = (tmp_path / "drift" / "out" / "report.md").read_text()
+    assert "field 'text' missing in 5 of 48 rows (first: new.jsonl:21); new field 'body' in as many rows: renamed?" in report
+    assert "field 'text' should be string but is integer in 3 of 48 rows (first: new.jsonl:26, value 12345)" in report
+    assert m["drift/unknown_rate"] > 0.05 > m["drift/reference_unknown_rate"]
+    assert m["drift/js_divergence"] > 0.2 and m["drift/perplexity_ratio"] > 1.5
+    assert len(findings) == 4 and m["drift/findings"] == 4
+
+    with pytest.raises(RuntimeError, match=r"drift: 8 rows break the schema \(limit 0\); unknown-token rate"):
+        check(tmp_path, pydoc_lm, rows)
