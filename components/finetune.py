@@ -76,11 +76,13 @@ def train_sft(ctx: StepContext, spec: FinetuneSpec, model_source: str, train_row
     replay, merge, evaluation; `spec.data` is not read). Returns the StepOutput with outputs `adapter`
     (peft methods), `model` and `tokenizer` (when merged or a non-adapter method) and `metrics`.
     """
-    from components.models import load_causal_lm, load_tokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     L.seed_everything(ctx.seed, workers=True, verbose=False)
-    tokenizer = load_tokenizer(model_source)
-    model = load_causal_lm(model_source, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(model_source)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(model_source, dtype=torch.float32)
     train = encode_rows(train_rows, tokenizer, spec.data.max_length)
     val = encode_rows(eval_rows, tokenizer, spec.data.max_length)
     token_dir = str(ctx.step(spec.tokens).path("tokens")) if spec.tokens else None
