@@ -171,7 +171,9 @@ def serve_command(ref: str, args) -> tuple[list[str], dict[str, str]]:
         from components.registry import resolve_version
 
         resolve_version(ref, uri)  # fail here, readably, rather than inside the server
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_REGISTRY_URI": uri}
+    # The scoring server execs `uvicorn` by name: find it beside this interpreter even in an unactivated venv.
+    path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_REGISTRY_URI": uri, "PATH": path}
     command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", ref, "--env-manager", "local",
                "--host", args.host, "--port", str(args.port)]
     return command, env

@@ -1,0 +1,130 @@
+"""`llmcycle models|generate|serve` against a real registry, a real pipeline output and a real scoring server."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from flows.cli import main
+from tests.conftest import REPO, make_ctx
+
+
+@pytest.fixture(scope="module")
+def registry(tiny_lm, tmp_path_factory):
+    """tiny_lm registered as tiny-lm v1 (champion) in a fresh sqlite store; returns the tracking URI."""
+    from mlflow.tracking import MlflowClient
+
+    from components import register
+    from components.context import StepResult
+    from schemas.steps.register import RegisterSpec
+
+    tmp = tmp_path_factory.mktemp("registry")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.create_experiment("cli", artifact_location=(tmp / "artifacts").as_uri())
+    evaluation = StepResult("eval", "evaluate", "e" * 64, tmp, {}, {"val/perplexity": 30.0})
+    ctx = make_ctx(tmp, name="release", kind="register", upstream={"eval": evaluation})
+    ctx.tracking_uri, ctx.run_id = uri, client.create_run(experiment).info.run_id
+    spec = RegisterSpec(kind="register", model=str(tiny_lm), name="tiny-lm", gate=["eval.val/perplexity < 40"])
+    register.run(spec, ctx)
+    return uri
+
+
+def expected_completion(tiny_lm, prompt: str, n: int) -> str:
+    from components.generation import generate_texts
+    from components.registry import load_merged
+
+    model, tok = load_merged(tiny_lm)
+    return generate_texts(model, tok, [prompt], max_new_tokens=n)[0]
+
+
+def test_models_lists_versions_aliases_and_metrics(registry, capsys):
+    assert main(["models", "--tracking-uri", registry]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == "tiny-lm"
+    assert "v1" in out and "candidate,champion" in out and "gate=passed" in out and "eval.val/perplexity=30" in out
+    assert main(["models", "nope", "--tracking-uri", registry]) == 2
+    assert "nope" in capsys.readouterr().err
+
+
+def test_generate_from_the_champion_matches_the_model(registry, tiny_lm, capsys):
+    argv = ["generate", "models:/tiny-lm@champion", "--tracking-uri", registry, "--prompt", "The ",
+            "--max-new-tokens", "6", "--json"]
+    assert main(argv) == 0
+    row = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert row == {"prompt": "The ", "completion": expected_completion(tiny_lm, "The ", 6)}
+    assert row["completion"]
+    assert main(["generate", str(tiny_lm), "--prompt", "The ", "--strategy", "beam", "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out.startswith("The ")
+    assert main(["generate", "models:/tiny-lm@nope", "--tracking-uri", registry, "--prompt", "x"]) == 2
+    assert "not in the registry" in capsys.readouterr().err
+
+
+def test_generate_from_a_step_of_a_spec(prefect_harness, tiny_lm, write_spec, capsys):
+    from flows.pipeline import run_pipeline
+
+    spec = write_spec(f"""
+        name: cli-steps
+        workdir: runs
+        steps:
+          small:
+            kind: optimize
+            model: {tiny_lm}
+            measure: {{new_tokens: 2, repeats: 1}}
+        """)
+    assert main(["generate", "small", "--spec", str(spec), "--prompt", "x"]) == 2
+    assert "run `llmcycle run" in capsys.readouterr().err
+    run_pipeline(str(spec))
+    assert main(["generate", "small", "--spec", str(spec), "--prompt", "The ", "--max-new-tokens", "6", "--json"]) == 0
+    row = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert row["completion"] == expected_completion(tiny_lm, "The ", 6)
+    quantized = next((spec.parent / "runs" / "small").glob("*/quantized"))
+    assert main(["generate", str(quantized), "--prompt", "The ", "--max-new-tokens", "3"]) == 0
+    assert main(["generate", "smal", "--spec", str(spec), "--prompt", "x"]) == 2
+    assert "did you mean 'small'" in capsys.readouterr().err
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_answers_invocations_with_generated_text(registry, tmp_path):
+    port = free_port()
+    log = open(tmp_path / "serve.log", "w")
+    server = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "models:/tiny-lm@champion",
+                               "--tracking-uri", registry, "--port", str(port)], cwd=REPO, stdout=log,
+                              stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert server.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "scoring server not up in 180 s"
+                time.sleep(1)
+        body = json.dumps({"inputs": ["The "], "params": {"max_new_tokens": 5}}).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
+                                         headers={"Content-Type": "application/json"})
+        answer = json.loads(urllib.request.urlopen(request, timeout=60).read())
+        prediction = answer["predictions"][0]
+        assert isinstance(prediction, str) and prediction.strip() and not prediction.startswith("The ")
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+        log.close()
