@@ -13,7 +13,6 @@ al. 2022).
 
 from __future__ import annotations
 
-import json
 import math
 import time
 
@@ -130,7 +129,7 @@ def train_sft(ctx: StepContext, spec: FinetuneSpec, model_source: str, train_row
     outputs = save_outputs(model, tokenizer, ctx.out_dir, spec.merged)
     write_json_atomic(ctx.out_dir / "metrics.json", metrics)
     outputs["metrics"] = "metrics.json"
-    _log(ctx, outputs, predictions)
+    _log(ctx, outputs, predictions, spec.peft.method)
     info = {"base_model": model_source, "peft_method": spec.peft.method, "trainable_params": trainable,
             "total_params": total}
     return StepOutput(outputs=outputs, metrics=metrics, info=info)
@@ -150,7 +149,7 @@ def _score(model, tokenizer, rows, label, spec, shot_rows, token_dir, seed):
     return metrics, predictions
 
 
-def _log(ctx: StepContext, outputs: dict[str, str], predictions: list[dict]) -> None:
+def _log(ctx: StepContext, outputs: dict[str, str], predictions: list[dict], method: str) -> None:
     """Log the merged model (transformers flavor), the adapter and the predictions to the step's run."""
     if ctx.run_id is None:
         return
@@ -166,4 +165,4 @@ def _log(ctx: StepContext, outputs: dict[str, str], predictions: list[dict]) -> 
         else:
             log_transformers_model(ctx, ctx.out_dir / outputs["model"])
     ctx.log_artifact(ctx.out_dir / "metrics.json")
-    ctx.set_tags({"llmcycle.peft_method": json.dumps(outputs)})
+    ctx.set_tags({"llmcycle.peft_method": method})

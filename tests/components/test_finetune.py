@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import mlflow
 import pytest
 import torch
 
@@ -67,9 +68,17 @@ def test_jsonl_messages_and_step_data_full_finetune(tmp_path, tiny_lm):
     upstream = {"cai": StepResult(name="cai", kind="constitutional", fingerprint="f", dir=tmp_path,
                                   outputs={"data": "data"}, metrics={})}
     ctx = make_ctx(tmp_path, name="sft", kind="finetune", upstream=upstream)
+    ctx.tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.tracking.MlflowClient(ctx.tracking_uri)
+    ctx.run_id = client.create_run(client.create_experiment("ft")).info.run_id
     out = finetune.run(spec_of(model=str(tiny_lm), data={"step": "cai"}, peft={"method": "full"},
                                evaluation={"shots": 0, "base": False}), ctx)
     assert set(out.outputs) == {"model", "tokenizer", "metrics"}
+    logged = {a.path for a in client.list_artifacts(ctx.run_id)}
+    assert {"metrics.json", "task_predictions.json"} <= logged
+    experiment = client.get_run(ctx.run_id).info.experiment_id
+    assert [m.source_run_id for m in client.search_logged_models([experiment])] == [ctx.run_id]  # the model
+    assert client.get_run(ctx.run_id).data.tags["llmcycle.peft_method"] == "full"
     assert out.metrics["params/trainable"] == out.metrics["params/total"]
     assert out.metrics["train/loss"] < 5.0 and "tasks/tuned/0shot/accuracy" in out.metrics
 
