@@ -203,7 +203,7 @@ def run(spec: RewardModelSpec, ctx: StepContext) -> StepOutput:
 
     metrics = evaluate_pairs(model, eval_loader)
     metrics["eval/initial_accuracy"] = initial["eval/accuracy"]
-    metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")})
+    metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("train/", "perf/"))})
     folder = save_reward_model(model, tokenizer, ctx.out_dir / "model", metrics)
     _log(ctx, folder, eval_rows, model, eval_loader)
     return StepOutput(outputs={"model": "model", "reward_model": "model", "tokenizer": "model"},
