@@ -58,7 +58,7 @@ def run(spec: RegisterSpec, ctx: StepContext) -> StepOutput:
     report = _report(spec, version.version, checks, passed, champion)
     print(report)
     if not passed and spec.on_fail == "stop":
-        raise RuntimeError(report.replace("\n", "; "))
+        raise RuntimeError("; ".join(line.strip() for line in report.splitlines()))
     uri = f"models:/{spec.name}/{version.version}"
     return StepOutput(metrics={"gate/passed": float(passed), "registry/version": float(version.version)},
                       info={"model_uri": uri, "name": spec.name, "version": int(version.version),
@@ -120,8 +120,15 @@ def _beats(spec: RegisterSpec, metrics: dict, champion) -> Check:
 
 
 def log_and_register(spec: RegisterSpec, ctx: StepContext, client):
-    """Log the merged model (tokenizer included) to the step's run and register it; return the ModelVersion."""
+    """Log the merged model (tokenizer included) to the step's run and register it; return the ModelVersion.
+
+    Saved locally and uploaded through the client rather than with mlflow's fluent API, which would set the
+    process-wide tracking URI (and MLFLOW_TRACKING_URI) under every later pipeline in the same process.
+    """
+    import tempfile
+
     import mlflow
+    from mlflow.exceptions import MlflowException
     from mlflow.models import infer_signature
 
     from components.registry import load_merged
@@ -129,23 +136,20 @@ def log_and_register(spec: RegisterSpec, ctx: StepContext, client):
     model, tokenizer = load_merged(ctx.model_source(spec.model))
     run_id = ctx.run_id or _own_run(ctx, client)
     signature = infer_signature(["a prompt"], ["a completion"], params=SERVING_PARAMS)
-    previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
-    mlflow.set_tracking_uri(ctx.tracking_uri)
-    mlflow.set_registry_uri(ctx.tracking_uri)
+    with tempfile.TemporaryDirectory(dir=ctx.out_dir) as tmp:
+        mlflow.transformers.save_model({"model": model, "tokenizer": tokenizer}, f"{tmp}/model",
+                                       task="text-generation", signature=signature,
+                                       pip_requirements=pip_requirements())
+        client.log_artifacts(run_id, f"{tmp}/model", "model")
     try:
-        with mlflow.start_run(run_id=run_id, nested=True):
-            info = mlflow.transformers.log_model({"model": model, "tokenizer": tokenizer}, name="model",
-                                                 task="text-generation", signature=signature,
-                                                 pip_requirements=pip_requirements(), registered_model_name=spec.name,
-                                                 await_registration_for=60)
-    finally:
-        # start_run's exit marks the run FINISHED; the engine ends the step's run itself.
-        client.update_run(run_id, status="RUNNING" if ctx.run_id else "FINISHED")
-        mlflow.set_tracking_uri(previous[0])
-        mlflow.set_registry_uri(previous[1])
-    version = client.get_model_version(spec.name, str(info.registered_model_version))
-    if spec.description:
-        client.update_model_version(spec.name, version.version, description=spec.description)
+        client.create_registered_model(spec.name)
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    version = client.create_model_version(spec.name, f"runs:/{run_id}/model", run_id=run_id,
+                                          description=spec.description or None)
+    if not ctx.run_id:
+        client.set_terminated(run_id)
     return version
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from components.context import StepResult
@@ -87,6 +89,7 @@ def test_aliases_move_by_the_gate_and_the_version_loads(tmp_path, store, tiny_lm
     assert version.tags["metric.eval.val/perplexity"] == "30" and version.tags["metric.eval.val/loss"] == "3.4"
     assert version.tags["llmcycle.step"] == "release" and version.tags["llmcycle.fingerprint"] == "0" * 64
     assert version.tags["llmcycle.gate"] == "passed" and len(version.tags["llmcycle.git_commit"]) == 40
+    assert "MLFLOW_TRACKING_URI" not in os.environ  # registering leaves no process-wide MLflow state behind
 
     # Not better than the champion by 1.0: a new candidate, the champion stays, and the report says why.
     out = register(tmp_path, store, tiny_lm, {"val/perplexity": 29.5}, on_fail="continue",
