@@ -85,3 +85,21 @@ def test_drift_is_reported_by_name_and_fails(tmp_path, pydoc_lm):
 
     with pytest.raises(RuntimeError, match=r"drift: 8 rows break the schema \(limit 0\); unknown-token rate"):
         check(tmp_path, pydoc_lm, rows)
+
+
+def test_shipped_monitor_spec_data_and_nightly_deployment(tmp_path):
+    import yaml
+
+    import schemas
+    from tests.conftest import REPO
+
+    loaded = schemas.load(REPO / "specs" / "monitor.yaml")
+    step = loaded.spec.steps["drift"]
+    assert step.model == "models:/quickstart-lm@champion"
+    ctx = make_ctx(tmp_path, base_dir=loaded.base_dir)
+    rows, texts = monitor.read_source(step.data, ctx, step.sample)
+    assert len(texts) == len(rows) > 10 and monitor.check_schema(rows, step.fields)["errors"] == 0
+    [deployment] = [d for d in yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"]
+                    if d["name"] == "monitor"]
+    assert deployment["parameters"] == {"spec_path": "specs/monitor.yaml", "force": ["drift"]}
+    assert deployment["entrypoint"] == "flows/pipeline.py:run_pipeline" and deployment["schedules"][0]["cron"]
