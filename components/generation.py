@@ -52,23 +52,26 @@ def encode_prompts(tokenizer, prompts: list[str], device=None) -> dict:
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
 
 
-def generation_config(tokenizer, strategy: str = "greedy", max_new_tokens: int = 32, **opts: Any):
+def generation_config(tokenizer, strategy: str = "greedy", max_new_tokens: int = 32, min_new_tokens: int = 0,
+                      **opts: Any):
     """A GenerationConfig for `strategy` with the tokenizer's special ids."""
     from transformers import GenerationConfig
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return GenerationConfig(max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
+    return GenerationConfig(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens or None, pad_token_id=pad,
+                            eos_token_id=tokenizer.eos_token_id,
                             bos_token_id=tokenizer.bos_token_id, **decoding_kwargs(strategy, **opts))
 
 
 def generate_texts(model, tokenizer, prompts: list[str], strategy: str = "greedy", max_new_tokens: int = 32,
                    temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, num_beams: int = 4,
-                   length_penalty: float = 1.0, seed: int = 0, batch_size: int = 16) -> list[str]:
+                   length_penalty: float = 1.0, seed: int = 0, batch_size: int = 16,
+                   min_new_tokens: int = 0) -> list[str]:
     """Generate a continuation for each prompt; return only the generated text, not the prompt."""
     import torch
 
-    config = generation_config(tokenizer, strategy, max_new_tokens, temperature=temperature, top_k=top_k,
-                               top_p=top_p, num_beams=num_beams, length_penalty=length_penalty)
+    config = generation_config(tokenizer, strategy, max_new_tokens, min_new_tokens, temperature=temperature,
+                               top_k=top_k, top_p=top_p, num_beams=num_beams, length_penalty=length_penalty)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()

@@ -1,0 +1,112 @@
+"""Resume after kill -9, fingerprint-keyed checkpoints, and 2-process DDP on the CPU."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, finish, make_ctx
+
+LM = {"family": "llama", "layers": 2, "hidden": 32, "heads": 2, "context": 64}
+STEP = dict(max_steps=240, val_every=120, checkpoint_every=40, batch_size=8, val_batches=4, log_model=False)
+SPEC = f"""\
+name: resume
+workdir: work
+trainer: {{precision: 32-true, accelerator: cpu}}
+steps:
+  tok: {{kind: tokenize, corpus: {{builtin: pydoc}}, vocab_size: 512}}
+  lm:
+    kind: pretrain
+    tokenizer: tok
+    model: {json.dumps(LM)}
+    optimizer: {{lr: 3.0e-3}}
+{chr(10).join(f"    {k}: {json.dumps(v)}" for k, v in STEP.items())}
+"""
+
+
+def llmcycle(spec: Path, *args: str, env: dict) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "flows.cli", "run", str(spec), *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def finish_run(proc: subprocess.Popen, timeout: float = 600) -> str:
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out[-3000:]
+    return out
+
+
+def result(spec: Path, step: str) -> dict:
+    found = glob.glob(str(spec.parent / "work" / step / "*" / "result.json"))
+    assert len(found) == 1, found
+    return json.loads(Path(found[0]).read_text())
+
+
+@pytest.mark.slow
+def test_kill_9_then_rerun_resumes_and_matches_an_uninterrupted_run(tmp_path, tokenized, prefect_harness):
+    from prefect.settings import PREFECT_API_URL
+
+    from components import pretrain
+    from schemas.steps.pretrain import PretrainSpec
+
+    spec = tmp_path / "resume.yaml"
+    spec.write_text(SPEC)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env.update(PREFECT_API_URL=PREFECT_API_URL.value(), PYTHONUNBUFFERED="1")
+    proc = llmcycle(spec, env=env)
+    deadline = time.time() + 600
+    while not glob.glob(str(tmp_path / "work" / "lm" / ".ckpt-*" / "last.ckpt")):
+        assert proc.poll() is None, f"run ended before its first checkpoint:\n{proc.stdout.read()[-3000:]}"
+        assert time.time() < deadline
+        time.sleep(0.2)
+    time.sleep(1.0)  # let the checkpoint file be written completely
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not glob.glob(str(tmp_path / "work" / "lm" / "*" / "result.json"))
+
+    # another configuration has another fingerprint, so it never picks up that checkpoint
+    other = finish_run(llmcycle(spec, "--set", "steps.lm.max_steps=10", env=env))
+    assert "resuming from" not in other
+    ckpts = glob.glob(str(tmp_path / "work" / "lm" / ".ckpt-*" / "last.ckpt"))
+    assert len(ckpts) == 1  # the killed run's, untouched; the finished run removed its own
+
+    out = finish_run(llmcycle(spec, env=env))
+    assert f"lm: resuming from {ckpts[0]}" in out
+    resumed = [r for r in map(lambda p: json.loads(Path(p).read_text()),
+                              glob.glob(str(tmp_path / "work" / "lm" / "*" / "result.json")))
+               if r["metrics"]["steps"] == STEP["max_steps"]]
+    assert len(resumed) == 1
+
+    ctx = make_ctx(tmp_path / "reference", name="lm", kind="pretrain", upstream={"tok": tokenized})
+    reference = pretrain.run(PretrainSpec(kind="pretrain", tokenizer="tok", model=LM, optimizer={"lr": 3e-3},
+                                          **STEP), ctx)
+    got, want = resumed[0]["metrics"]["val/loss"], reference.metrics["val/loss"]
+    assert abs(got - want) / want < 0.01, (got, want)
+    assert want < reference.metrics["val/loss_initial"] - 0.5
+
+
+@pytest.mark.slow
+def test_two_process_ddp_on_cpu(tmp_path, tokenized):
+    from transformers import AutoModelForCausalLM
+
+    from components import pretrain
+    from schemas.steps.pretrain import PretrainSpec
+
+    ctx = make_ctx(tmp_path, name="lm", kind="pretrain", upstream={"tok": tokenized},
+                   trainer={"devices": 2, "strategy": "ddp", "accelerator": "cpu", "precision": "32-true"})
+    spec = PretrainSpec(kind="pretrain", tokenizer="tok", model=LM, max_steps=20, val_every=10, batch_size=8,
+                        val_batches=2, log_model=False, optimizer={"lr": 3e-3})
+    out = pretrain.run(spec, ctx)
+    assert out.metrics["steps"] == 20
+    assert out.metrics["tokens_seen"] == 20 * 8 * 64 * 2  # both processes consumed their own batches
+    assert out.metrics["val/loss"] < out.metrics["val/loss_initial"]
+    assert [s for s, _ in out.info["curve"]] == [0, 10, 20]
+    model = AutoModelForCausalLM.from_pretrained(ctx.out_dir / "model")
+    assert model.config.num_hidden_layers == 2
