@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from contextlib import contextmanager
 from pathlib import Path
 
 from components.context import StepContext
@@ -38,16 +40,32 @@ def log_transformers_model(ctx: StepContext, folder: Path, artifact_path: str = 
     tokenizer = AutoTokenizer.from_pretrained(folder)
     if masked and task == "text-generation":
         task = "fill-mask"
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(ctx.tracking_uri)
     client = MlflowClient(tracking_uri=ctx.tracking_uri)
-    try:
-        with mlflow.start_run(run_id=ctx.run_id, nested=True):
-            info = mlflow.transformers.log_model({"model": model, "tokenizer": tokenizer}, name=artifact_path,
-                                                 task=task, pip_requirements=_pins(),
-                                                 registered_model_name=registered_name)
-    finally:
-        # start_run's exit marks the run FINISHED; the engine ends the step's run, so keep it running.
-        client.update_run(ctx.run_id, status="RUNNING")
-        mlflow.set_tracking_uri(previous)
+    with tracking_to(ctx.tracking_uri):
+        try:
+            with mlflow.start_run(run_id=ctx.run_id, nested=True):
+                info = mlflow.transformers.log_model({"model": model, "tokenizer": tokenizer}, name=artifact_path,
+                                                     task=task, pip_requirements=_pins(),
+                                                     registered_model_name=registered_name)
+        finally:
+            # start_run's exit marks the run FINISHED; the engine ends the step's run, so keep it running.
+            client.update_run(ctx.run_id, status="RUNNING")
     return info.model_uri
+
+
+@contextmanager
+def tracking_to(uri: str | None):
+    """Point MLflow's fluent API at `uri` for a block, then restore both its global and the environment
+    variable it writes (set_tracking_uri exports MLFLOW_TRACKING_URI, which would leak into later runs)."""
+    from mlflow.tracking._tracking_service import utils
+
+    saved_global, saved_env = utils._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")
+    utils.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        utils.set_tracking_uri(saved_global)
+        if saved_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = saved_env
