@@ -118,6 +118,8 @@ def model_folder(ref: str, args) -> str:
     if ref.startswith("hf:"):
         return ref[3:]
     if is_external(ref) or Path(ref).exists():
+        if not Path(ref).exists():
+            raise FileNotFoundError(f"no model folder at {Path(ref).resolve()}")
         return str(Path(ref).resolve())
     result = step_result(ref, args)
     for key in ("model", "adapter"):
@@ -160,7 +162,12 @@ def cmd_generate(args) -> int:
 
 def serve_command(ref: str, args) -> tuple[list[str], dict[str, str]]:
     """The `mlflow models serve` command line and environment for a registered model."""
+    from schemas.base import is_external
+
     if not ref.startswith(("models:/", "runs:/")):
+        if is_external(ref) or Path(ref).exists():
+            raise ValueError(f"serve takes a registered model (models:/NAME@ALIAS or models:/NAME/VERSION) or a "
+                             f"register step of --spec, got '{ref}'; try `llmcycle generate {ref}` for a folder")
         result = step_result(ref, args)
         if "model_uri" not in result.info:
             raise ValueError(f"serve takes a registered model (models:/NAME@ALIAS); step '{ref}' ({result.kind}) "
