@@ -14,25 +14,24 @@ STRATEGIES = ("greedy", "sample", "top_k", "top_p", "beam")
 
 def decoding_kwargs(strategy: str, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                     num_beams: int = 4, length_penalty: float = 1.0, **_: Any) -> dict:
-    """GenerationConfig fields for a strategy; every warper a strategy does not use is switched off."""
-    off = {"top_k": 0, "top_p": 1.0, "temperature": 1.0, "num_beams": 1}  # HF defaults top_k to 50
+    """GenerationConfig fields for a strategy; sampling strategies switch off every warper they do not use."""
+    sampling = {"do_sample": True, "top_k": 0, "top_p": 1.0, "temperature": temperature}  # HF defaults top_k=50
     if strategy == "greedy":
-        return {**off, "do_sample": False}
+        return {"do_sample": False, "num_beams": 1}
     if strategy == "sample":
-        return {**off, "do_sample": True, "temperature": temperature}
+        return sampling
     if strategy == "top_k":
         if top_k < 1:
             raise ValueError(f"strategy top_k needs top_k >= 1, got {top_k}")
-        return {**off, "do_sample": True, "temperature": temperature, "top_k": top_k}
+        return {**sampling, "top_k": top_k}
     if strategy == "top_p":
         if not 0 < top_p <= 1:
             raise ValueError(f"strategy top_p needs 0 < top_p <= 1, got {top_p}")
-        return {**off, "do_sample": True, "temperature": temperature, "top_p": top_p}
+        return {**sampling, "top_p": top_p}
     if strategy == "beam":
         if num_beams < 1:
             raise ValueError(f"strategy beam needs num_beams >= 1, got {num_beams}")
-        return {**off, "do_sample": False, "num_beams": num_beams, "length_penalty": length_penalty,
-                "early_stopping": True}
+        return {"do_sample": False, "num_beams": num_beams, "length_penalty": length_penalty, "early_stopping": True}
     raise ValueError(f"unknown decoding strategy '{strategy}'; expected one of {', '.join(STRATEGIES)}")
 
 

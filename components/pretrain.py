@@ -17,7 +17,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback, LearningRateMonitor
+from lightning.pytorch.callbacks import Callback
 
 from components import models
 from components.context import StepContext, StepOutput
@@ -71,6 +71,7 @@ class LMModule(L.LightningModule):
         self.tokens_in_batch = batch.numel()
         loss = self._loss(batch, getattr(self, "train_collator", None))
         self.log("train/loss", loss, prog_bar=True)
+        self.log("lr", self.lr_schedulers().get_last_lr()[0])
         return loss
 
     def on_validation_epoch_start(self) -> None:
@@ -220,8 +221,7 @@ def run(spec: PretrainSpec, ctx: StepContext) -> StepOutput:
                       spec.mlm_probability, ctx.seed)
     curve_path = ctx.ckpt_dir / "curve.jsonl"
     ctx.ckpt_dir.mkdir(parents=True, exist_ok=True)
-    callbacks = [CurveRecorder(curve_path)] + ([LearningRateMonitor(logging_interval="step")] if ctx.run_id else [])
-    trainer = make_trainer(ctx, spec, steps, params=params, callbacks=callbacks)
+    trainer = make_trainer(ctx, spec, steps, params=params, callbacks=[CurveRecorder(curve_path)])
     # Validate in this process (not trainer.validate): with ddp_spawn each trainer call spawns workers.
     initial = validation_loss(module, data, trainer)
     record(ctx, curve_path, 0, initial)

@@ -71,4 +71,4 @@ def test_unknown_strategy_and_bad_options_name_the_field():
         decoding_kwargs("nucleus")
     with pytest.raises(ValueError, match="top_k >= 1"):
         decoding_kwargs("top_k", top_k=0)
-    assert decoding_kwargs("greedy")["top_k"] == 0  # HF's default top_k=50 never leaks into sampling
+    assert decoding_kwargs("sample")["top_k"] == 0  # HF's default top_k=50 never leaks into plain sampling

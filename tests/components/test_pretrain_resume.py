@@ -110,3 +110,35 @@ def test_two_process_ddp_on_cpu(tmp_path, tokenized):
     assert [s for s, _ in out.info["curve"]] == [0, 10, 20]
     model = AutoModelForCausalLM.from_pretrained(ctx.out_dir / "model")
     assert model.config.num_hidden_layers == 2
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("prefect_harness")
+def test_quickstart_pretrain_and_evaluate_through_the_flow(tmp_path, monkeypatch):
+    """The shipped quickstart's tokenize -> pretrain -> evaluate, shortened with --set, as a user runs it."""
+    from mlflow.tracking import MlflowClient
+
+    from flows.cli import main
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    (tmp_path / "specs").mkdir()
+    spec = tmp_path / "specs" / "quickstart.yaml"
+    spec.write_text((REPO / "specs" / "quickstart.yaml").read_text())
+    assert main(["run", str(spec), "--only", "base_eval", "--set", "steps.base.max_steps=60",
+                 "--set", "steps.base.val_every=30", "--set", "steps.base_eval.generation.max_new_tokens=8"]) == 0
+    base, evaluated = result_of(tmp_path / "runs", "base"), result_of(tmp_path / "runs", "base_eval")
+    m = base["metrics"]
+    assert m["val/perplexity_initial"] / m["val/perplexity"] > 5, m
+    assert evaluated["metrics"]["val/perplexity"] == pytest.approx(m["val/perplexity"], rel=0.02)
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    [run] = client.search_runs(client.get_experiment_by_name("quickstart").experiment_id,
+                               "tags.`llmcycle.step` = 'base'")
+    steps = [x.step for x in client.get_metric_history(run.info.run_id, "val/loss")]
+    assert steps[0] == 0 and len(steps) >= 3  # untrained, then every val_every (Lightning logs step - 1)
+    assert "loss_curve.png" in {a.path for a in client.list_artifacts(run.info.run_id)}
+    model_id = base["info"]["model_uri"].removeprefix("models:/")
+    assert client.get_logged_model(model_id).source_run_id == run.info.run_id  # transformers flavor, this run
+
+def result_of(workdir: Path, step: str) -> dict:
+    [path] = glob.glob(str(workdir / step / "*" / "result.json"))
+    return json.loads(Path(path).read_text())
