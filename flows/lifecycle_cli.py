@@ -98,7 +98,11 @@ def cmd_models(args) -> int:
         print(f"{model.name}")
         versions = client.search_model_versions(f"name='{model.name}'")
         for v in sorted(versions, key=lambda v: int(v.version), reverse=True):
-            shown = [f"{k[len('metric.'):]}={val}" for k, val in sorted(v.tags.items()) if k.startswith("metric.")]
+            gate = v.tags.get("llmcycle.gate_report", "")
+            # The metrics the gate read first: they are why this version is (or is not) the champion.
+            metrics = sorted((k[len("metric."):] not in gate, k[len("metric."):], val)
+                             for k, val in v.tags.items() if k.startswith("metric."))
+            shown = [f"{name}={val}" for _, name, val in metrics]
             print(f"  v{v.version:<4} {','.join(sorted(aliases.get(str(v.version), []))) or '-':<20} "
                   f"gate={v.tags.get('llmcycle.gate', '-'):<7} step={v.tags.get('llmcycle.spec', '?')}."
                   f"{v.tags.get('llmcycle.step', '?')}  {'  '.join(shown[:KEY_METRICS])}")
