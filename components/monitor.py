@@ -47,7 +47,8 @@ def run(spec: MonitorSpec, ctx: StepContext) -> StepOutput:
                "drift/reference_unknown_rate": float(np.isin(ref_ids, unknown).mean()),
                "drift/js_divergence": js_divergence(new_ids, ref_ids, len(tokenizer))}
     ppl_new = perplexity(model, new_ids, spec.context, spec.windows)
-    ppl_ref = perplexity(model, ref_ids, spec.context, spec.windows)
+    ppl_ref = (tagged_perplexity(spec, ctx) if spec.validation_perplexity
+               else perplexity(model, ref_ids, spec.context, spec.windows))
     metrics.update({"drift/perplexity": ppl_new, "drift/reference_perplexity": ppl_ref,
                     "drift/perplexity_ratio": ppl_new / ppl_ref})
 
@@ -209,6 +210,22 @@ def perplexity(model, ids: np.ndarray, context: int, windows: int) -> float:
         losses = [float(model(input_ids=b, labels=b).loss) for b in batch.split(8)]
         weights = [len(b) for b in batch.split(8)]
     return math.exp(sum(l * w for l, w in zip(losses, weights)) / sum(weights))
+
+
+def tagged_perplexity(spec: MonitorSpec, ctx: StepContext) -> float:
+    """The registered version's own held-out perplexity, from its `metric.STEP.METRIC` tag (see `register`)."""
+    from components.registry import resolve_version
+
+    if not spec.model.startswith("models:/"):
+        raise ValueError(f"validation_perplexity reads a registered version's tags; model '{spec.model}' is not "
+                         "models:/NAME@ALIAS (set validation_perplexity: null to measure on the reference)")
+    tags = resolve_version(spec.model, ctx.tracking_uri).tags
+    key = f"metric.{spec.validation_perplexity}"
+    if key not in tags:
+        have = sorted(k[len("metric."):] for k in tags if k.startswith("metric."))
+        raise ValueError(f"validation_perplexity: {spec.model} has no tag {key}; its metric tags: "
+                         f"{', '.join(have) or 'none'} (list the step in the register step's evidence)")
+    return float(tags[key])
 
 
 def top_shifts(new: np.ndarray, ref: np.ndarray, tokenizer, k: int = 8) -> list[tuple[str, float, float]]:

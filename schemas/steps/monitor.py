@@ -39,6 +39,9 @@ class MonitorSpec(StepSpec):
     """What the model was trained on (same forms, plus `builtin: pydoc`)."""
     fields: dict[str, JsonType] | None = None
     """Expected JSONL fields and JSON types; default: inferred from the reference's .jsonl rows, else {text_field: string}."""
+    validation_perplexity: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_-]*\.\S+$")
+    """STEP.METRIC tag of the registered version holding its own held-out perplexity (e.g.
+    `base_eval.val/perplexity`) to compare with; null: measure the model on `reference` instead."""
     sample: int = Field(500, ge=1)
     """Documents read from each side at most."""
     context: int = Field(128, ge=8)

@@ -103,3 +103,30 @@ def test_shipped_monitor_spec_data_and_nightly_deployment(tmp_path):
                     if d["name"] == "monitor"]
     assert deployment["parameters"] == {"spec_path": "specs/monitor.yaml", "force": ["drift"]}
     assert deployment["entrypoint"] == "flows/pipeline.py:run_pipeline" and deployment["schedules"][0]["cron"]
+
+
+def test_compares_with_the_registered_versions_own_validation_perplexity(tmp_path, pydoc_lm):
+    from mlflow.tracking import MlflowClient
+
+    from components import register
+    from components.context import StepResult
+    from schemas.steps.register import RegisterSpec
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.create_experiment("m", artifact_location=(tmp_path / "artifacts").as_uri())
+    evaluation = StepResult("base_eval", "evaluate", "e" * 64, tmp_path, {}, {"val/perplexity": 50.0})
+    ctx = make_ctx(tmp_path, name="release", kind="register", upstream={"base_eval": evaluation})
+    ctx.tracking_uri, ctx.run_id = uri, client.create_run(experiment).info.run_id
+    register.run(RegisterSpec(kind="register", model=str(pydoc_lm), name="lm", evidence=["base_eval"]), ctx)
+
+    write_jsonl(tmp_path / "new.jsonl", pydoc_rows(40, 50))
+    common = dict(kind="monitor", model="models:/lm@champion", data={"files": ["new.jsonl"]},
+                  reference={"builtin": "pydoc"}, sample=20, context=64, windows=4, on_drift="warn")
+    ctx = make_ctx(tmp_path, name="drift", kind="monitor")
+    ctx.tracking_uri = uri
+    out = monitor.run(MonitorSpec(**common, validation_perplexity="base_eval.val/perplexity"), ctx)
+    assert out.metrics["drift/reference_perplexity"] == 50.0
+    assert out.metrics["drift/perplexity_ratio"] == pytest.approx(out.metrics["drift/perplexity"] / 50.0)
+    with pytest.raises(ValueError, match=r"has no tag metric.base_eval.val/ppl; its metric tags: base_eval.val/perplexity"):
+        monitor.run(MonitorSpec(**common, validation_perplexity="base_eval.val/ppl"), ctx)
