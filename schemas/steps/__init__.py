@@ -3,6 +3,7 @@
 from .constitutional import ConstitutionalSpec
 from .dpo import DpoSpec
 from .evaluate import EvaluateSpec
+from .finetune import FinetuneSpec
 from .monitor import MonitorSpec
 from .optimize import OptimizeSpec
 from .ppo import PPOSpec
@@ -15,11 +16,12 @@ STEP_SPECS = (
     TokenizeSpec,
     PretrainSpec,
     EvaluateSpec,
+    FinetuneSpec,
     RewardModelSpec,
     PPOSpec,
+    ConstitutionalSpec,
+    DpoSpec,
     RegisterSpec,
     OptimizeSpec,
     MonitorSpec,
-    DpoSpec,
-    ConstitutionalSpec,
 )
