@@ -98,10 +98,13 @@ def _move_into_place(tmp: Path, final: Path) -> None:
 
 
 def _log_result_metrics(client, run_id: str, result: StepResult) -> None:
+    """Log the step's final metrics, except those its training curves already logged (a final point at
+    step 0 would end each curve with a jump back to the start)."""
     from mlflow.entities import Metric
 
+    logged = client.get_run(run_id).data.metrics
     now = int(time.time() * 1000)
-    metrics = [Metric(k, v, now, 0) for k, v in result.metrics.items()]
+    metrics = [Metric(k, v, now, 0) for k, v in result.metrics.items() if k not in logged]
     for i in range(0, len(metrics), 500):
         client.log_batch(run_id, metrics=metrics[i:i + 500])
 
