@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import signal
@@ -68,7 +70,16 @@ def test_generate_from_the_champion_matches_the_model(registry, tiny_lm, capsys)
     assert "not in the registry" in capsys.readouterr().err
 
 
-def test_generate_from_a_step_of_a_spec(prefect_harness, tiny_lm, write_spec, capsys):
+def cli(*argv: str) -> tuple[int, str, str]:
+    """Run `llmcycle ARGV` in-process; return (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(argv))
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_generate_from_a_step_of_a_spec(prefect_harness, tiny_lm, write_spec):
+    # No capsys here: Prefect's log handlers would keep its stream, closed after this test.
     from flows.pipeline import run_pipeline
 
     spec = write_spec(f"""
@@ -80,16 +91,15 @@ def test_generate_from_a_step_of_a_spec(prefect_harness, tiny_lm, write_spec, ca
             model: {tiny_lm}
             measure: {{new_tokens: 2, repeats: 1}}
         """)
-    assert main(["generate", "small", "--spec", str(spec), "--prompt", "x"]) == 2
-    assert "run `llmcycle run" in capsys.readouterr().err
+    code, _, err = cli("generate", "small", "--spec", str(spec), "--prompt", "x")
+    assert code == 2 and "run `llmcycle run" in err
     run_pipeline(str(spec))
-    assert main(["generate", "small", "--spec", str(spec), "--prompt", "The ", "--max-new-tokens", "6", "--json"]) == 0
-    row = json.loads(capsys.readouterr().out.splitlines()[-1])
-    assert row["completion"] == expected_completion(tiny_lm, "The ", 6)
+    code, out, _ = cli("generate", "small", "--spec", str(spec), "--prompt", "The ", "--max-new-tokens", "6", "--json")
+    assert code == 0 and json.loads(out.splitlines()[-1])["completion"] == expected_completion(tiny_lm, "The ", 6)
     quantized = next((spec.parent / "runs" / "small").glob("*/quantized"))
-    assert main(["generate", str(quantized), "--prompt", "The ", "--max-new-tokens", "3"]) == 0
-    assert main(["generate", "smal", "--spec", str(spec), "--prompt", "x"]) == 2
-    assert "did you mean 'small'" in capsys.readouterr().err
+    assert cli("generate", str(quantized), "--prompt", "The ", "--max-new-tokens", "3")[0] == 0
+    code, _, err = cli("generate", "smal", "--spec", str(spec), "--prompt", "x")
+    assert code == 2 and "did you mean 'small'" in err
 
 
 def free_port() -> int:
