@@ -71,7 +71,7 @@ def load_scorer(spec: PPOSpec, ctx: StepContext, tokenizer, rows: list[dict]):
     from components.reward_model import read_reward_stats
     from components.rewards import get_reward
 
-    rm, mean = None, 0.0
+    rm, mean, scale = None, 0.0, 1.0
     if spec.reward_model is not None:
         source = _reward_model_source(spec.reward_model, ctx)
         rm = AutoModelForSequenceClassification.from_pretrained(source).requires_grad_(False).eval()
@@ -80,13 +80,16 @@ def load_scorer(spec: PPOSpec, ctx: StepContext, tokenizer, rows: list[dict]):
             raise ValueError(f"reward_model: its vocabulary ({rm.config.vocab_size}) is smaller than the policy's "
                              f"({len(tokenizer)}); train the reward model from the policy (reward_model.model)")
         stats = ctx.step(spec.reward_model).info if spec.reward_model in ctx.upstream else {}
-        mean = float(stats.get("reference_mean", read_reward_stats(source).get("reference_mean", 0.0)))
+        saved = stats or read_reward_stats(source)
+        mean = float(saved.get("reference_mean", 0.0))
+        if spec.normalize_reward:
+            scale = max(float(saved.get("reward_std", 1.0)), 1e-6)
     fn = get_reward(spec.reward.function, spec.reward.module) if spec.reward else None
     true_name = spec.true_reward or (spec.reward.function if spec.reward else None) or \
         ("exact_match" if rows and "answer" in rows[0] else None)
     true_fn = get_reward(true_name, spec.reward.module if spec.reward else None) if true_name else None
     weight = spec.reward.weight if spec.reward else 1.0
-    return Scorer(rm, mean, fn, weight, true_fn, tokenizer), rm
+    return Scorer(rm, mean, fn, weight, true_fn, tokenizer, reward_scale=scale), rm
 
 
 def _reward_model_source(ref: str, ctx: StepContext) -> str:

@@ -25,10 +25,12 @@ class Scorer(torch.nn.Module):
     """
 
     def __init__(self, reward_model=None, reference_mean: float = 0.0, reward_fn: Callable | None = None,
-                 reward_weight: float = 1.0, true_fn: Callable | None = None, tokenizer=None):
+                 reward_weight: float = 1.0, true_fn: Callable | None = None, tokenizer=None,
+                 reward_scale: float = 1.0):
         super().__init__()
         self.reward_model = reward_model
         self.reference_mean, self.reward_fn, self.reward_weight = reference_mean, reward_fn, reward_weight
+        self.reward_scale = reward_scale
         self.true_fn, self.tokenizer = true_fn, tokenizer
 
     @torch.no_grad()
@@ -39,7 +41,8 @@ class Scorer(torch.nn.Module):
         scores = torch.zeros(len(rows), device=ids.device)
         extras: dict[str, torch.Tensor] = {}
         if self.reward_model is not None:
-            extras["model_score"] = model_scores(self.reward_model, ids, mask) - self.reference_mean
+            extras["model_score"] = (model_scores(self.reward_model, ids, mask) - self.reference_mean) \
+                / self.reward_scale
             scores = scores + extras["model_score"]
         texts = self.tokenizer.batch_decode(roll.responses, skip_special_tokens=True) \
             if self.reward_fn or self.true_fn else []

@@ -121,6 +121,10 @@ class PPOSpec(StepSpec):
     """Weight of the value loss."""
     whiten_rewards: bool = False
     """Whiten per-token rewards before GAE (off in TRL)."""
+    normalize_reward: bool = True
+    """Divide the centred reward-model score by the RM's held-out reward std, so the score has unit scale
+    and `kl.coef` and `missing_eos_penalty` keep their meaning whatever scale the RM learned (as the
+    original RLHF code normalises to unit variance on reference samples)."""
     eval_samples: int = Field(16, ge=0)
     """Held-out completions (initial vs final policy) logged as an MLflow table."""
     checkpoint_every: int = Field(10, ge=1)

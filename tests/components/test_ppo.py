@@ -79,6 +79,27 @@ def test_lora_policy_with_reward_model_critic_and_jsonl_prompts(tiny_lm, tmp_pat
     AutoModelForCausalLM.from_pretrained(res.path("model"))
 
 
+def test_reward_model_scores_are_centred_and_scaled_by_the_saved_std(tiny_lm, tmp_path):
+    from components.ppo import load_scorer
+    from components.ppo.rollout import left_pad, sample
+
+    rm, tok = load_reward_model(str(tiny_lm))
+    save_reward_model(rm, tok, tmp_path / "rm", {"reward/reference_mean": 0.5, "reward/std": 4.0})
+    rows = [{"prompt": "Copy: cat dog\nAnswer:", "answer": "cat dog"}]
+    query, mask = left_pad([tok(rows[0]["prompt"])["input_ids"]], tok.pad_token_id)
+    from transformers import AutoModelForCausalLM
+
+    roll = sample(AutoModelForCausalLM.from_pretrained(tiny_lm), query, mask, 4, 1.0, tok.eos_token_id,
+                  tok.pad_token_id, greedy=True)
+    scores = {}
+    for normalize in (False, True):
+        spec = PPOSpec(kind="ppo", policy=str(tiny_lm), reward_model=str(tmp_path / "rm"), normalize_reward=normalize,
+                       prompts={"files": ["p.jsonl"]})
+        scorer, _ = load_scorer(spec, make_ctx(tmp_path, name="ppo"), tok, rows)
+        scores[normalize] = float(scorer(roll, rows)[1]["model_score"])
+    assert scores[True] == pytest.approx(scores[False] / 4.0, rel=1e-5)  # (r - mean) / std
+
+
 def test_schema_errors():
     with pytest.raises(ValueError, match="give reward_model, reward"):
         PPOSpec(kind="ppo", policy="sft", prompts={"builtin": "tasks"})
