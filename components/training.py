@@ -6,9 +6,11 @@ the MLflow logger behave the same in pretrain, finetune, reward_model and dpo.
 
 from __future__ import annotations
 
+import logging
 import math
 import sys
 import time
+import warnings
 from functools import lru_cache
 from pathlib import Path
 from typing import Iterable
@@ -22,6 +24,11 @@ from components.context import StepContext
 from schemas.base import OptimizerSpec, ScheduleSpec, TrainingStepSpec
 
 DEFAULT_STEPS = 100  # when a step gives neither max_steps nor max_tokens
+
+# Lightning's start-up notices (GPU/TPU availability, precision, an advert) reach the terminal twice under
+# Prefect's log capture; make_trainer prints the one line that matters instead.
+logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
 
 
 @lru_cache(maxsize=1)
@@ -187,9 +194,12 @@ def make_trainer(ctx: StepContext, spec: TrainingStepSpec, steps: int, params: i
     cbs += callbacks or []
     logger = StepLogger(run_id=ctx.run_id, tracking_uri=ctx.tracking_uri) if ctx.run_id else False
     t = ctx.trainer
+    precision = resolve_precision(t.precision, t.accelerator)
+    print(f"{ctx.name}: {steps} optimizer steps, precision {precision}, accelerator {t.accelerator}, "
+          f"devices {t.devices}, strategy {resolve_strategy(t.strategy)}", flush=True)
     return L.Trainer(
         accelerator=t.accelerator, devices=t.devices, strategy=resolve_strategy(t.strategy), num_nodes=t.num_nodes,
-        precision=resolve_precision(t.precision, t.accelerator), max_steps=steps, max_epochs=-1,
+        precision=precision, max_steps=steps, max_epochs=-1,
         accumulate_grad_batches=spec.accumulate, gradient_clip_val=spec.grad_clip,
         val_check_interval=spec.val_every * spec.accumulate if validate else None,
         check_val_every_n_epoch=None, limit_val_batches=spec.val_batches if validate else 0,
