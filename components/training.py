@@ -112,6 +112,15 @@ class StepLogger(MLFlowLogger):
     def log_hyperparams(self, params) -> None:  # noqa: D102
         return None
 
+    @property
+    def experiment(self):
+        """Lightning's client, created without leaving MLflow's process-wide tracking URI (and the
+        MLFLOW_TRACKING_URI it exports) pointing at this step's store."""
+        from components.mlflow_models import tracking_to
+
+        with tracking_to(self._tracking_uri):
+            return super().experiment
+
     def finalize(self, status: str = "success") -> None:  # the engine ends the run, not Lightning
         return None
 
