@@ -100,7 +100,10 @@ def configure_optimizer(named_params: Iterable[tuple[str, torch.nn.Parameter]], 
         opt = torch.optim.SGD(groups, lr=optimizer.lr, momentum=optimizer.momentum)
     else:
         cls = torch.optim.AdamW if optimizer.name == "adamw" else torch.optim.Adam
-        opt = cls(groups, lr=optimizer.lr, betas=optimizer.betas, eps=optimizer.eps)
+        # The fused kernel (CPU and CUDA) is ~3x faster per step than the default multi-tensor one, and it is
+        # what transformers' Trainer picks by default; fall back where a device or dtype lacks it.
+        fused = all(p.dtype.is_floating_point and p.device.type in ("cpu", "cuda") for g in groups for p in g["params"])
+        opt = cls(groups, lr=optimizer.lr, betas=optimizer.betas, eps=optimizer.eps, fused=fused or None)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(schedule, optimizer.lr, steps))
     return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
@@ -123,6 +126,21 @@ class StepLogger(MLFlowLogger):
 
     def finalize(self, status: str = "success") -> None:  # the engine ends the run, not Lightning
         return None
+
+
+class ClipGradNorm(Callback):
+    """Clip the global gradient norm just before each optimizer step (gradients are unscaled by then).
+
+    Lightning's own `gradient_clip_val` refuses fused optimizers under mixed precision, although bf16 has no
+    loss scaler to conflict with; clipping here keeps the fused AdamW kernel usable.
+    """
+
+    def __init__(self, max_norm: float):
+        self.max_norm = max_norm
+
+    def on_before_optimizer_step(self, trainer, module, optimizer) -> None:
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        torch.nn.utils.clip_grad_norm_(params, self.max_norm)
 
 
 class NanGuard(Callback):
@@ -190,6 +208,8 @@ def make_trainer(ctx: StepContext, spec: TrainingStepSpec, steps: int, params: i
         NanGuard(ctx.name),
         Throughput(params),
     ]
+    if spec.grad_clip:
+        cbs.append(ClipGradNorm(spec.grad_clip))
     if spec.early_stopping is not None and validate:
         cbs.append(EarlyStopping(monitor="val/loss", patience=spec.early_stopping.patience,
                                  min_delta=spec.early_stopping.min_delta, check_on_train_epoch_end=False))
@@ -209,7 +229,7 @@ def make_trainer(ctx: StepContext, spec: TrainingStepSpec, steps: int, params: i
     return L.Trainer(
         accelerator=t.accelerator, devices=t.devices, strategy=resolve_strategy(t.strategy), num_nodes=t.num_nodes,
         precision=precision, max_steps=steps, max_epochs=-1,
-        accumulate_grad_batches=spec.accumulate, gradient_clip_val=spec.grad_clip,
+        accumulate_grad_batches=spec.accumulate,
         val_check_interval=spec.val_every * spec.accumulate if validate else None,
         check_val_every_n_epoch=None, limit_val_batches=spec.val_batches if validate else 0,
         num_sanity_val_steps=0, logger=logger, callbacks=cbs, enable_progress_bar=tty,

@@ -153,7 +153,8 @@ class PPOModule(L.LightningModule):
                 opt.zero_grad()
                 self.manual_backward(loss)
                 if hp.grad_clip:
-                    self.clip_gradients(opt, gradient_clip_val=hp.grad_clip, gradient_clip_algorithm="norm")
+                    torch.nn.utils.clip_grad_norm_(  # not self.clip_gradients: it refuses fused optimizers
+                        [p for g in opt.param_groups for p in g["params"] if p.grad is not None], hp.grad_clip)
                 opt.step()
                 sched.step()
                 stats = {k: float(v) for k, v in stats.items()}
