@@ -119,6 +119,27 @@ def _task_rows(seed: int, split: str, n: int, name: str) -> list[dict]:
     return rows
 
 
+def polite_requests(seed: int, n: int) -> list[dict]:
+    """Held-out `polite` combinations as requests to word, each with its reference polite/rude reply.
+
+    For RLAIF demos: a judge fine-tuned on the `polite` task never saw these combinations, so its labels
+    on them measure what it learned, and the reference pair is the ground truth they are scored against.
+    """
+    rng = random.Random(f"{seed}|eval|polite-requests")
+    rows, seen = [], set()
+    for _ in range(200 * n):
+        if len(rows) == n:
+            break
+        key = (rng.choice(POLITE), rng.choice(RUDE), rng.choice(REQUESTS))
+        if not held_out(seed, "manners", key) or key in seen:
+            continue
+        seen.add(key)
+        polite_opener, rude_opener, request = key
+        rows.append({"prompt": f"Ask someone to {request}.", "chosen": f"{polite_opener} {request}.",
+                     "rejected": f"{rude_opener} {request}.", "principle": "polite"})
+    return rows
+
+
 def normalize(text: str) -> str:
     """The first line, trimmed, with runs of spaces collapsed."""
     return " ".join(text.strip().split("\n", 1)[0].split()) if text.strip() else ""

@@ -22,6 +22,7 @@ import random
 from pathlib import Path
 
 from components.constitutional import rl, sl
+from components import tasks as T_tasks
 from components.constitutional import transcripts as T
 from components.context import StepContext, StepOutput
 from schemas.constitution import Constitution, Principle, load_constitution
@@ -52,6 +53,8 @@ def load_prompts(spec: ConstitutionalSpec, ctx: StepContext) -> list[dict]:
 
     if spec.prompts.builtin == "red_team":
         found = read_jsonl([str(ASSETS / "red_team.jsonl")], Path, "prompts.builtin")
+    elif spec.prompts.builtin == "polite":
+        found = [(f"builtin polite #{i}", row) for i, row in enumerate(T_tasks.polite_requests(ctx.seed, 48))]
     else:
         found = read_jsonl(spec.prompts.files, ctx.resolve_path, "prompts.files")
     for where, row in found:

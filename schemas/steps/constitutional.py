@@ -13,9 +13,10 @@ from ..peft import PeftSpec
 class PromptsSpec(Section):
     """Prompts to answer: exactly one of `builtin` or `files`."""
 
-    builtin: Literal["red_team"] | None = None
-    """`red_team`: the project's prompts that invite a rude, unsafe or dishonest reply (each with a reference
-    good/bad reply pair, used as ground truth for the AI labels)."""
+    builtin: Literal["red_team", "polite"] | None = None
+    """`red_team`: the project's prompts that invite a rude, unsafe or dishonest reply; `polite`: requests
+    to word, built from held-out combinations of the task mixture's `polite` task (for a judge fine-tuned
+    on that task). Each row carries a reference good/bad reply pair, the ground truth for the AI labels."""
     files: list[str] | None = None
     """Globs of JSONL files (relative to the spec) with {prompt} rows; optional {chosen, rejected} reference pairs."""
     limit: int | None = Field(None, ge=2)

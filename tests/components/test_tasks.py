@@ -49,3 +49,16 @@ def test_schema_task_names_match_the_component():
     from schemas.steps.finetune import BUILTIN_TASKS
 
     assert list(BUILTIN_TASKS) == TASKS
+
+
+def test_polite_requests_are_held_out_combinations_with_reference_pairs():
+    from components.tasks import make_examples, polite_requests
+
+    rows = polite_requests(0, 30)
+    assert len(rows) == 30 and len({(r["chosen"], r["rejected"]) for r in rows}) == 30
+    train = {r["prompt"] for r in make_examples(0, "train", 2000, ["polite"])}
+    for r in rows:
+        assert r["chosen"] != r["rejected"] and r["prompt"].startswith("Ask someone to ")
+        # the judge's training prompts never show this pair, in either order
+        assert not any(f"(A) {r['chosen']} (B) {r['rejected']}" in t or f"(A) {r['rejected']} (B) {r['chosen']}" in t
+                       for t in train)
