@@ -6,7 +6,6 @@ import argparse
 import json
 import os
 import sys
-from pathlib import Path
 
 EXIT_SPEC = 2  # a spec (or command-line) mistake
 EXIT_FAILED = 1  # a step failed

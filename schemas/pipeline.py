@@ -11,7 +11,7 @@ from typing import Annotated, Any, Union
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError, field_validator
 
 from .base import Section, StepSpec
-from .errors import Problem, SpecError, did_you_mean, dotted
+from .errors import Problem, SpecError, did_you_mean
 from .loader import Document, apply_overrides, parse_file
 from .steps import STEP_SPECS
 

@@ -2,42 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Annotated, ClassVar, Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from ..base import ModelRef, OptimizerSpec, Ref, Section, TrainingStepSpec
+from ..base import ModelRef, OptimizerSpec, TrainingStepSpec
 from ..peft import PeftSpec
-
-
-class PreferenceDataSpec(Section):
-    """Preference pairs: exactly one of `files`, `builtin` or `step`."""
-
-    files: list[str] | None = None
-    """Globs of JSONL files with rows {prompt, chosen, rejected, score?} (or chat message lists)."""
-    eval_files: list[str] | None = None
-    """Globs of held-out JSONL files; default: hold out `eval_fraction` of the training rows."""
-    builtin: Literal["preferences"] | None = None
-    """`preferences`: correct vs corrupted answers on the task mixture, polite vs rude wording."""
-    step: Annotated[str | None, Ref("data")] = None
-    """A step whose data output holds `preferences.jsonl` (e.g. a constitutional step)."""
-    tasks: list[str] | None = None
-    """Builtin only: which tasks of the mixture to draw pairs from (default: all but `add`)."""
-    n_per_task: int = Field(200, ge=1)
-    """Builtin only: training pairs per task (held-out pairs: a quarter of that)."""
-    eval_fraction: float = Field(0.1, gt=0, lt=1)
-    """Share of rows held out when no `eval_files` are given."""
-    max_length: int = Field(256, ge=8)
-    """Prompt plus response tokens kept per sequence (the prompt is cut from the left)."""
-
-    @model_validator(mode="after")
-    def _exactly_one(self) -> "PreferenceDataSpec":
-        given = [k for k in ("files", "builtin", "step") if getattr(self, k) is not None]
-        if len(given) != 1:
-            raise ValueError(f"give exactly one of files, builtin, step (got {', '.join(given) or 'none'})")
-        if self.eval_files is not None and self.files is None:
-            raise ValueError("eval_files goes with files")
-        return self
+from ..preferences import PreferenceDataSpec
 
 
 class RewardModelSpec(TrainingStepSpec):

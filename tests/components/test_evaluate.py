@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from conftest import finish, make_ctx
+from conftest import make_ctx
 
 
 def evaluate(tmp_path, upstream, **kw):

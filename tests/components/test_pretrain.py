@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from tests.conftest import finish, make_ctx
+from tests.conftest import make_ctx
 
 TINY = {"family": "llama", "layers": 2, "hidden": 32, "heads": 2, "context": 64}
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, finish, make_ctx
+from conftest import REPO, make_ctx
 
 LM = {"family": "llama", "layers": 2, "hidden": 32, "heads": 2, "context": 64}
 STEP = dict(max_steps=240, val_every=120, checkpoint_every=40, batch_size=8, val_batches=4, log_model=False)

@@ -135,14 +135,14 @@ def test_bpe_vocabulary_must_hold_the_bytes(write_spec):
 
 
 def test_all_problems_reported_at_once(write_spec):
-    path = write_spec(f"""\
+    path = write_spec("""\
         name: bad name
         seed: -3
-        trainer: {{precision: bf17}}
+        trainer: {precision: bf17}
         steps:
           a:
             kind: tokenize
-            corpus: {{builtin: pydoc}}
+            corpus: {builtin: pydoc}
             vocab_sise: 300
           b:
             kind: nope
