@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -45,10 +46,13 @@ def download_registered(uri: str, cache: Path, tracking_uri: str | None = None) 
 
     version = resolve_version(uri, tracking_uri)
     name = version.name
-    target = cache / name / str(version.version)
+    # Keyed by where the version's files live, not only its number: version 1 of a name in another store
+    # (another workdir, a reset registry) is another model.
+    origin = hashlib.sha256(f"{tracking_uri}|{version.source}|{version.run_id}".encode()).hexdigest()[:12]
+    target = cache / name / f"{version.version}-{origin}"
     if (target / "config.json").is_file():
         return target
-    staging = cache / name / f".dl-{version.version}"
+    staging = cache / name / f".dl-{version.version}-{origin}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     from mlflow.tracking import MlflowClient

@@ -142,3 +142,31 @@ def test_a_lora_adapter_is_registered_merged(tmp_path, store, tiny_lm):
         got = AutoModelForCausalLM.from_pretrained(folder)(ids).logits
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     assert (got - base).abs().max() > 1e-3
+
+
+def test_version_1_of_the_same_name_in_two_stores_downloads_as_two_models(tmp_path, tiny_lm):
+    """The download cache is keyed by the version's origin, so another store's v1 is never served instead."""
+    import shutil
+
+    from mlflow.tracking import MlflowClient
+    from safetensors.torch import load_file, save_file
+
+    from components.registry import download_registered
+
+    other = tmp_path / "other_model"
+    shutil.copytree(tiny_lm, other)
+    weights = load_file(other / "model.safetensors")
+    save_file({k: v + 1.0 for k, v in weights.items()}, other / "model.safetensors", metadata={"format": "pt"})
+    folders = []
+    for name, model in (("a", tiny_lm), ("b", other)):
+        root = tmp_path / name
+        root.mkdir()
+        uri = f"sqlite:///{root / 'mlflow.db'}"
+        client = MlflowClient(tracking_uri=uri)
+        experiment = client.create_experiment("gated", artifact_location=(root / "artifacts").as_uri())
+        register(root, (uri, client, experiment), model, {"val/perplexity": 30.0},
+                 gate=["eval.val/perplexity < 40"])
+        folders.append(download_registered("models:/tiny-lm@champion", tmp_path / "cache", uri))
+    assert folders[0] != folders[1]
+    assert not load_file(folders[0] / "model.safetensors")["lm_head.weight"].equal(
+        load_file(folders[1] / "model.safetensors")["lm_head.weight"])
