@@ -74,6 +74,22 @@ def tiny_lm(tokenized, tmp_path_factory) -> Path:
     return folder
 
 
+def wait_until_up(server, url: str, log: Path, seconds: float) -> None:
+    """Poll `url` until it answers; fail with the tail of the server's log if it exits or time runs out."""
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + seconds
+    while True:
+        assert server.poll() is None, log.read_text()[-3000:]
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except OSError:
+            assert time.monotonic() < deadline, f"{url} did not answer within {seconds:.0f} s"
+            time.sleep(1)
+
+
 @pytest.fixture
 def write_spec(tmp_path):
     """Write a spec (dedented YAML text) into a temporary folder and return its path."""

@@ -10,13 +10,12 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 
 import pytest
 
 from flows.cli import main
-from tests.conftest import REPO, make_ctx
+from tests.conftest import REPO, make_ctx, wait_until_up
 
 
 @pytest.fixture(scope="module")
@@ -115,15 +114,7 @@ def test_serve_answers_invocations_with_generated_text(registry, tmp_path):
                                "--tracking-uri", registry, "--port", str(port)], cwd=REPO, stdout=log,
                               stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert server.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "scoring server not up in 180 s"
-                time.sleep(1)
+        wait_until_up(server, f"http://127.0.0.1:{port}/ping", tmp_path / "serve.log", 180)
         body = json.dumps({"inputs": ["The "], "params": {"max_new_tokens": 5}}).encode()
         request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
                                          headers={"Content-Type": "application/json"})

@@ -8,13 +8,11 @@ import signal
 import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, wait_until_up
 
 CHROMIUM = "/usr/bin/chromium"
 # Flags for a quiet, offline, sandbox-less (container) headless browser.
@@ -89,15 +87,7 @@ def mlflow_server(pipeline, tmp_path):
                                "--port", str(port), "--workers", "1"],
                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert server.poll() is None, (tmp_path / "mlflow-server.log").read_text()[-3000:]
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "mlflow server not up in 120 s"
-                time.sleep(1)
+        wait_until_up(server, f"http://127.0.0.1:{port}/health", tmp_path / "mlflow-server.log", 120)
         yield f"http://127.0.0.1:{port}"
     finally:
         os.killpg(server.pid, signal.SIGTERM)
