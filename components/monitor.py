@@ -97,16 +97,10 @@ def read_source(source: CorpusSpec, ctx: StepContext, limit: int) -> tuple[list[
 
 
 def _jsonl_rows(path: Path) -> list[tuple[str, int, dict]]:
-    rows = []
-    with open(path, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if line.strip():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
-                    row = {"__invalid__": f"not JSON ({err.msg})"}
-                rows.append((path.name, n, row if isinstance(row, dict) else {"__invalid__": "not an object"}))
-    return rows
+    from components.jsonl import iter_lines
+
+    return [(path.name, n, row if isinstance(row, dict) else {"__invalid__": error or "not an object"})
+            for n, row, error in iter_lines(path)]
 
 
 # -- schema ----------------------------------------------------------------------------------------

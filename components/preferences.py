@@ -10,11 +10,10 @@ with the tokenizer's chat template when it has one, else as `role: content` line
 from __future__ import annotations
 
 import glob
-import json
 import random
-from pathlib import Path
 
 from components import tasks as T
+from components.jsonl import iter_lines
 
 DEFAULT_TASKS = ["copy", "reverse", "capitalize", "count", "larger", "sentiment", "polite"]
 """`add` is left out: its held-out pairs are unseen facts, so no reward model can rank them."""
@@ -122,12 +121,10 @@ def read_jsonl(patterns: list[str], resolve, field: str) -> list[tuple[str, dict
         if not paths:
             raise FileNotFoundError(f"{field}: no file matches '{pattern}'")
         for path in paths:
-            for n, line in enumerate(Path(path).read_text().splitlines(), 1):
-                if line.strip():
-                    try:
-                        out.append((f"{path}:{n}", json.loads(line)))
-                    except json.JSONDecodeError as err:
-                        raise ValueError(f"{field}: {path}:{n} is not valid JSON ({err.msg})") from None
+            for n, row, error in iter_lines(path):
+                if error:
+                    raise ValueError(f"{field}: {path}:{n} is {error}")
+                out.append((f"{path}:{n}", row))
     return out
 
 
@@ -138,8 +135,7 @@ def load_preferences(data, ctx, tokenizer=None) -> tuple[list[dict], list[dict]]
         held = builtin_pairs(ctx.seed, "eval", max(8, data.n_per_task // 4), data.tasks)
         return [normalize_pair(r, "builtin") for r in train], [normalize_pair(r, "builtin") for r in held]
     if data.step is not None:
-        rows = [(f"{data.step}:{n}", json.loads(line)) for n, line in enumerate(
-            (ctx.step(data.step).path("data") / "preferences.jsonl").read_text().splitlines(), 1) if line.strip()]
+        rows = read_jsonl([str(ctx.step(data.step).path("data") / "preferences.jsonl")], str, f"data.step {data.step}")
         eval_rows = []
     else:
         rows = read_jsonl(data.files, ctx.resolve_path, "data.files")

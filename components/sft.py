@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from components.context import StepContext
+from components.jsonl import iter_lines
 from schemas.steps.finetune import SftDataSpec
 
 IGNORE = -100
@@ -29,16 +30,12 @@ DEFAULT_TEMPLATE = "{role}: {content}\n"  # for tokenizers without a chat templa
 def read_jsonl(path: Path) -> list[dict]:
     """Rows of a JSONL file, each tagged with `_where` (file:line) for error messages."""
     rows = []
-    with open(path, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if line.strip():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}:{n}: not valid JSON ({err.msg})") from None
-                if not isinstance(row, dict):
-                    raise ValueError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
-                rows.append({**row, "_where": f"{path}:{n}"})
+    for n, row, error in iter_lines(path):
+        if error:
+            raise ValueError(f"{path}:{n}: {error}")
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
+        rows.append({**row, "_where": f"{path}:{n}"})
     return rows
 
 
