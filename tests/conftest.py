@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import textwrap
 from pathlib import Path
@@ -74,20 +75,44 @@ def tiny_lm(tokenized, tmp_path_factory) -> Path:
     return folder
 
 
-def wait_until_up(server, url: str, log: Path, seconds: float) -> None:
-    """Poll `url` until it answers; fail with the tail of the server's log if it exits or time runs out."""
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serving(command: list[str], ready_url: str, log: Path, seconds: float, cwd: Path | None = None):
+    """Run a server process until the block ends: wait until `ready_url` answers (failing with the tail of
+    its log if it exits or time runs out), then stop its whole process group, forcefully if it lingers."""
+    import signal
+    import subprocess
     import time
     import urllib.request
 
-    deadline = time.monotonic() + seconds
-    while True:
-        assert server.poll() is None, log.read_text()[-3000:]
+    with open(log, "w") as out:
+        server = subprocess.Popen(command, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            urllib.request.urlopen(url, timeout=2)
-            return
-        except OSError:
-            assert time.monotonic() < deadline, f"{url} did not answer within {seconds:.0f} s"
-            time.sleep(1)
+            deadline = time.monotonic() + seconds
+            while True:
+                assert server.poll() is None, log.read_text()[-3000:]
+                try:
+                    urllib.request.urlopen(ready_url, timeout=2)
+                    break
+                except OSError:
+                    assert time.monotonic() < deadline, f"{ready_url} did not answer within {seconds:.0f} s"
+                    time.sleep(1)
+            yield server
+        finally:
+            os.killpg(server.pid, signal.SIGTERM)
+            try:
+                server.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(server.pid, signal.SIGKILL)
+                server.wait()
 
 
 @pytest.fixture

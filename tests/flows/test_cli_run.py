@@ -22,13 +22,6 @@ steps:
 """
 
 
-@pytest.fixture(autouse=True)
-def default_store(monkeypatch):
-    """These tests are about the default store: unset what an earlier in-process test may have left set
-    (mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI)."""
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-
-
 @pytest.fixture
 def spec(tmp_path) -> Path:
     (tmp_path / "corpus.txt").write_text("\n\n".join(f"paragraph {i} for the command line" for i in range(20)))

@@ -10,7 +10,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from tests.conftest import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 PREFECT = [sys.executable, "-m", "prefect"]
@@ -33,12 +34,6 @@ def test_prefect_yaml_declares_the_quickstart_deployment():
     assert deployment["parameters"] == {"spec_path": "specs/quickstart.yaml"}
     assert deployment["work_pool"]["name"] == POOL
     assert [s["cron"] for s in deployment["schedules"]] == ["0 3 * * *"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextmanager

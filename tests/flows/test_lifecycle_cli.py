@@ -5,17 +5,13 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
-import signal
-import socket
-import subprocess
 import sys
 import urllib.request
 
 import pytest
 
 from flows.cli import main
-from tests.conftest import REPO, make_ctx, wait_until_up
+from tests.conftest import REPO, free_port, make_ctx, serving
 
 
 @pytest.fixture(scope="module")
@@ -101,31 +97,14 @@ def test_generate_from_a_step_of_a_spec(prefect_harness, tiny_lm, write_spec):
     assert code == 2 and "did you mean 'small'" in err
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_serve_answers_invocations_with_generated_text(registry, tmp_path):
     port = free_port()
-    log = open(tmp_path / "serve.log", "w")
-    server = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "models:/tiny-lm@champion",
-                               "--tracking-uri", registry, "--port", str(port)], cwd=REPO, stdout=log,
-                              stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        wait_until_up(server, f"http://127.0.0.1:{port}/ping", tmp_path / "serve.log", 180)
+    command = [sys.executable, "-m", "flows.cli", "serve", "models:/tiny-lm@champion", "--tracking-uri", registry,
+               "--port", str(port)]
+    with serving(command, f"http://127.0.0.1:{port}/ping", tmp_path / "serve.log", 180, cwd=REPO):
         body = json.dumps({"inputs": ["The "], "params": {"max_new_tokens": 5}}).encode()
         request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
                                          headers={"Content-Type": "application/json"})
         answer = json.loads(urllib.request.urlopen(request, timeout=60).read())
         prediction = answer["predictions"][0]
         assert isinstance(prediction, str) and prediction.strip() and not prediction.startswith("The ")
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
-        log.close()

@@ -29,13 +29,6 @@ workdir: work
 """
 
 
-@pytest.fixture(autouse=True)
-def default_store(monkeypatch):
-    """These tests are about the default store: unset what an earlier in-process test may have left set
-    (mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI)."""
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-
-
 @pytest.fixture
 def project(tmp_path, monkeypatch):
     """A git repository holding a spec and its corpus; the secret and corpus name come from the environment."""

@@ -18,7 +18,8 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from tests.ui.test_browser import CHROMIUM, CHROMIUM_ARGS, free_port  # noqa: E402
+from tests.conftest import free_port  # noqa: E402
+from tests.ui.test_browser import CHROMIUM, CHROMIUM_ARGS  # noqa: E402
 
 
 def main(spec: str, out: str = "docs/img") -> None:

@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, wait_until_up
+from tests.conftest import REPO, free_port, serving
 
 CHROMIUM = "/usr/bin/chromium"
 # Flags for a quiet, offline, sandbox-less (container) headless browser.
@@ -69,34 +65,17 @@ def test_run_publishes_a_prefect_table_artifact(pipeline):
     assert "gate/passed=1" in by_step["release"]["metrics"] and "mlflow.db" in by_step["release"]["mlflow"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def mlflow_server(pipeline, tmp_path):
     """`mlflow server` on the pipeline's store, on a free port; always stopped afterwards."""
     from flows.tracking import artifact_root, tracking_uri
 
     port = free_port()
-    log = open(tmp_path / "mlflow-server.log", "w")
-    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", tracking_uri(pipeline),
-                               "--default-artifact-root", artifact_root(pipeline).as_uri(), "--host", "127.0.0.1",
-                               "--port", str(port), "--workers", "1"],
-                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        wait_until_up(server, f"http://127.0.0.1:{port}/health", tmp_path / "mlflow-server.log", 120)
+    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", tracking_uri(pipeline),
+               "--default-artifact-root", artifact_root(pipeline).as_uri(), "--host", "127.0.0.1",
+               "--port", str(port), "--workers", "1"]
+    with serving(command, f"http://127.0.0.1:{port}/health", tmp_path / "mlflow-server.log", 120):
         yield f"http://127.0.0.1:{port}"
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
-        log.close()
 
 
 @pytest.fixture
