@@ -6,15 +6,12 @@ import typing
 from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Iterator, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, Field, model_validator
+
+from .resources import RunOnSpec, TrainerSpec
+from .section import Section
 
 EXTERNAL_PREFIXES = ("hf:", "./", "../", "/", "models:/")
-
-
-class Section(BaseModel):
-    """A strict settings group: unknown keys are errors, field docstrings become schema descriptions."""
-
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_default=True)
 
 
 @dataclass(frozen=True)
@@ -45,6 +42,12 @@ class StepSpec(Section):
     """Base of every step kind. `produces` lists what downstream steps may take from it."""
 
     produces: ClassVar[frozenset[str]] = frozenset()
+    trains: ClassVar[bool] = False  # trains with Lightning, so it may span several devices and nodes
+
+    trainer: TrainerSpec | None = None
+    """This step's changes to the pipeline's `trainer:` (devices, accelerator, strategy, precision, ...)."""
+    run_on: RunOnSpec | None = None
+    """Run this step on a Prefect work pool instead of beside the flow (the workdir must be shared)."""
 
     def references(self) -> Iterator[tuple[tuple, str, Ref]]:
         """Yield (field path, step name, Ref) for every reference to another step."""
@@ -131,6 +134,8 @@ class EarlyStoppingSpec(Section):
 
 class TrainingStepSpec(StepSpec):
     """Base of the kinds that train: the loop settings they share, at the top of the step."""
+
+    trains: ClassVar[bool] = True
 
     optimizer: OptimizerSpec = OptimizerSpec()
     """Optimizer and its hyperparameters."""

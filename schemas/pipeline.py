@@ -13,6 +13,7 @@ from pydantic import BaseModel, Field, TypeAdapter, ValidationError, field_valid
 from .base import Section, StepSpec
 from .errors import Problem, SpecError, did_you_mean
 from .loader import Document, apply_overrides, parse_file
+from .resources import TrainerSpec, resource_problems, resources_for
 from .steps import STEP_SPECS
 
 KINDS = [typing.get_args(s.model_fields["kind"].annotation)[0] for s in STEP_SPECS]
@@ -30,33 +31,6 @@ class TrackingSpec(Section):
     """Experiment name; default: the pipeline's name."""
 
 
-class TrainerSpec(Section):
-    """Lightning Trainer defaults for every training step."""
-
-    accelerator: str = "auto"
-    """`auto`, `cpu`, `gpu`, `cuda`, `mps` or `tpu`."""
-    devices: int | str = 1
-    """Devices per node: a count, `auto`, or a list such as "0,1"."""
-    strategy: str = "auto"
-    """`auto`, `ddp`, `ddp_spawn`, `fsdp`, `deepspeed_stage_2`, ... passed to Lightning."""
-    num_nodes: int = Field(1, ge=1)
-    """Machines taking part in distributed training."""
-    precision: str = "auto"
-    """`auto` (bf16-mixed where the hardware has fast bf16, else 32-true), or any Lightning precision."""
-    compile: bool = False
-    """Wrap the model with torch.compile (about +10% on CPU after a slow first step)."""
-
-    @field_validator("precision")
-    @classmethod
-    def _known_precision(cls, value: str) -> str:
-        known = {"auto", "32-true", "32", "16-mixed", "16", "bf16-mixed", "bf16", "bf16-true", "16-true",
-                 "64-true", "64", "transformer-engine", "transformer-engine-float16"}
-        if value not in known:
-            raise ValueError(f"unknown precision '{value}'{did_you_mean(value, known)}; "
-                             f"expected one of {', '.join(sorted(known))}")
-        return value
-
-
 class PipelineSpec(Section):
     """A whole pipeline: settings shared by all steps, and the steps themselves."""
 
@@ -71,7 +45,11 @@ class PipelineSpec(Section):
     tracking: TrackingSpec = TrackingSpec()
     """MLflow tracking settings."""
     trainer: TrainerSpec = TrainerSpec()
-    """Lightning defaults for every training step."""
+    """Lightning settings and devices for every step; a step's own `trainer:` changes some of them."""
+    max_parallel: int = Field(2, ge=1, le=256)
+    """Steps that may run at the same time when their inputs are ready. 2: the usual branch is an evaluation
+    beside a fine-tune, and on a laptop more CPU steps at once slow each other about as much as they gain;
+    GPU steps are also bounded by their device claims, so raise it on machines with many GPUs."""
     steps: dict[str, Step] = Field(min_length=1)  # type: ignore[valid-type]
     """The steps, by name; `kind` picks each step's schema, references between steps form the DAG."""
 
@@ -92,6 +70,7 @@ class LoadedSpec:
     spec: PipelineSpec
     doc: Document
     path: Path
+    overrides: tuple[str, ...] = ()
 
     @property
     def base_dir(self) -> Path:
@@ -100,6 +79,11 @@ class LoadedSpec:
     @property
     def workdir(self) -> Path:
         return (self.base_dir / self.spec.workdir).resolve()
+
+    def resources(self, name: str) -> TrainerSpec:
+        """The trainer settings step `name` runs with: the pipeline's, changed by the step's own."""
+        step = self.spec.steps[name]
+        return resources_for(self.spec.trainer, step.trainer, type(step).trains)
 
     def redacted(self) -> dict:
         """The resolved spec with every `${env:...}` value put back as written (never the secret)."""
@@ -124,7 +108,7 @@ def load(path: str | Path, overrides: list[str] | None = None) -> LoadedSpec:
     problems = doc.problems + problems
     if spec is None or problems:
         raise SpecError(problems)
-    return LoadedSpec(spec=spec, doc=doc, path=Path(path).resolve())
+    return LoadedSpec(spec=spec, doc=doc, path=Path(path).resolve(), overrides=tuple(overrides or ()))
 
 
 def _validate(doc: Document) -> tuple[PipelineSpec | None, list[Problem]]:
@@ -133,7 +117,18 @@ def _validate(doc: Document) -> tuple[PipelineSpec | None, list[Problem]]:
     except ValidationError as err:
         problems = [_problem(doc, e) for e in err.errors()]
         return None, problems + _reference_problems(doc, _steps_that_validate(doc))
-    return spec, _reference_problems(doc, spec.steps)
+    return spec, _reference_problems(doc, spec.steps) + _resource_problems(doc, spec)
+
+
+def _resource_problems(doc: Document, spec: PipelineSpec) -> list[Problem]:
+    """Trainer settings valid alone but not once a step's own are merged over the pipeline's."""
+    problems = []
+    for name, step in spec.steps.items():
+        merged = resources_for(spec.trainer, step.trainer, type(step).trains)
+        for path, message in resource_problems(step.trainer, merged, type(step).trains):
+            where = ("trainer",) + path[1:] if path[0] == "pipeline" else ("steps", name, "trainer") + path
+            problems.append(doc.problem(where, message))  # a pipeline-level problem is reported once
+    return problems
 
 
 def _steps_that_validate(doc: Document) -> dict[str, StepSpec]:
@@ -257,7 +252,8 @@ def _fields_at(loc: tuple, data: Any) -> list[str]:
         for t in _unwrap(tp):
             if isinstance(t, type) and issubclass(t, BaseModel):
                 names += [n for n in t.model_fields if n not in names]
-    return names
+    common = [n for n in names if n in StepSpec.model_fields]  # trainer, run_on: every kind has them, list last
+    return [n for n in names if n not in common] + common
 
 
 def _unwrap(tp: Any) -> list[Any]:

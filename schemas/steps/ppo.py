@@ -69,6 +69,7 @@ class PPOSpec(StepSpec):
     """Proximal policy optimization (Schulman et al. 2017) of a language model, as in Ouyang et al. 2022."""
 
     produces: ClassVar[frozenset[str]] = frozenset({"model", "tokenizer", "adapter"})
+    trains: ClassVar[bool] = True
 
     kind: Literal["ppo"]
     policy: ModelRef
