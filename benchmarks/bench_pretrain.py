@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from components.context import StepContext  # noqa: E402
-from schemas.pipeline import TrainerSpec  # noqa: E402
+from schemas.resources import TrainerSpec  # noqa: E402
 
 
 def make_ctx(root: Path, name: str, precision: str, upstream: dict | None = None) -> StepContext:

@@ -46,7 +46,7 @@ def make_corpus(path: Path, megabytes: int, seed: int = 0) -> Path:
 
 def context(folder: Path, corpus: Path):
     from components.context import StepContext
-    from schemas.pipeline import TrainerSpec
+    from schemas.resources import TrainerSpec
     from schemas.steps.tokenize import TokenizeSpec
 
     spec = TokenizeSpec(kind="tokenize", corpus={"files": [str(corpus)]}, vocab_size=8192, val_fraction=0.1)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from schemas.base import is_external
-from schemas.pipeline import TrainerSpec
+from schemas.resources import TrainerSpec
 
 
 @dataclass
@@ -97,6 +97,11 @@ class StepContext:
     pipeline_name: str = "pipeline"
     run_id: str | None = None
     tracking_uri: str | None = None
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this process speaks for the step: global rank 0 (the only process, outside torchrun)."""
+        return int(os.environ.get("RANK", "0")) == 0
 
     # -- paths and references -----------------------------------------------------------------
 

@@ -22,7 +22,7 @@ from lightning.pytorch.callbacks import Callback
 from components import models
 from components.context import StepContext, StepOutput
 from components.data import TokenDataModule
-from components.training import count_parameters, fit, make_trainer, total_steps
+from components.training import count_parameters, fit, make_trainer, total_steps, world_size
 from schemas.base import OptimizerSpec, ScheduleSpec
 from schemas.steps.pretrain import PretrainSpec
 
@@ -143,7 +143,10 @@ def read_curve(path: Path) -> tuple[dict[str, list[tuple[int, float]]], dict]:
 
 
 def record(ctx: StepContext, path: Path, step: int, loss: float) -> None:
-    """Add a validation point measured outside the Trainer to the curve and to the step's run."""
+    """Add a validation point measured outside the Trainer to the curve and to the step's run (rank 0 only:
+    every rank measures it, one writes it)."""
+    if not ctx.is_main:
+        return
     with open(path, "a") as fh:
         fh.write(json.dumps({"step": step, "val/loss": loss}) + "\n")
     ctx.log_metrics({"val/loss": loss, "val/perplexity": math.exp(min(loss, 50.0))}, step=step)
@@ -215,14 +218,13 @@ def run(spec: PretrainSpec, ctx: StepContext) -> StepOutput:
     embedding = model.get_input_embeddings().weight.numel()
     data = TokenDataModule(str(upstream.path("tokens")), context=context, batch_size=spec.batch_size,
                            val_batches=spec.val_batches, seed=ctx.seed)
-    world = _world_size(ctx)
+    world = world_size()
     steps = total_steps(spec, spec.batch_size * spec.accumulate * context * world)
     module = LMModule(model, spec.optimizer, spec.schedule, steps, spec.objective, tokenizer,
                       spec.mlm_probability, ctx.seed)
     curve_path = ctx.ckpt_dir / "curve.jsonl"
     ctx.ckpt_dir.mkdir(parents=True, exist_ok=True)
     trainer = make_trainer(ctx, spec, steps, params=params, callbacks=[CurveRecorder(curve_path)])
-    # Validate in this process (not trainer.validate): with ddp_spawn each trainer call spawns workers.
     initial = validation_loss(module, data, trainer)
     record(ctx, curve_path, 0, initial)
     fit(trainer, module, datamodule=data, ctx=ctx)
@@ -255,9 +257,3 @@ def run(spec: PretrainSpec, ctx: StepContext) -> StepOutput:
     return StepOutput(outputs={"model": "model", "tokenizer": "model"}, metrics=metrics,
                       info={"objective": spec.objective, "context": context, "model_uri": uri,
                             "curve": curves["val/loss"]})
-
-
-def _world_size(ctx: StepContext) -> int:
-    t = ctx.trainer
-    devices = t.devices if isinstance(t.devices, int) else len(str(t.devices).split(",")) if t.devices != "auto" else 1
-    return max(1, devices) * t.num_nodes

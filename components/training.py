@@ -50,16 +50,11 @@ def resolve_precision(precision: str, accelerator: str = "auto") -> str:
     return "bf16-mixed" if cpu_has_fast_bf16() else "32-true"
 
 
-def resolve_strategy(strategy: str) -> str:
-    """Map `ddp` to `ddp_spawn` unless an external launcher (torchrun, SLURM) started this process.
-
-    Lightning's `ddp` re-executes sys.argv in each child process, which from inside a pipeline would run
-    the whole Prefect flow again; `ddp_spawn` starts workers that only run the fit.
-    """
+def world_size() -> int:
+    """Processes training this step together: torchrun's WORLD_SIZE, or 1 for a step in one process."""
     import os
 
-    launched = any(k in os.environ for k in ("LOCAL_RANK", "SLURM_NTASKS", "TORCHELASTIC_RUN_ID"))
-    return "ddp_spawn" if strategy == "ddp" and not launched else strategy
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def total_steps(spec: TrainingStepSpec, tokens_per_step: int) -> int:
@@ -157,6 +152,21 @@ class NanGuard(Callback):
                                      "precision 32-true")
 
 
+class CheckpointOnStop(Callback):
+    """Save `last.ckpt` when the step is stopped (Ctrl-C, SIGTERM from the engine), so the next run resumes
+    from where it stopped rather than from the last periodic checkpoint. Other exceptions save nothing:
+    resuming into the state that raised (a NaN, a bug) would only raise again."""
+
+    def __init__(self, ckpt_dir: Path):
+        self.path = Path(ckpt_dir) / "last.ckpt"
+
+    def on_exception(self, trainer, module, exception: BaseException) -> None:
+        if isinstance(exception, KeyboardInterrupt) and trainer.global_step > 0:
+            self.path.unlink(missing_ok=True)  # may be a link to a periodic checkpoint; never write through it
+            trainer.save_checkpoint(str(self.path))
+            print(f"saved a checkpoint at step {trainer.global_step}: {self.path}", flush=True)
+
+
 class Throughput(Callback):
     """Log tokens/s and achieved FLOP/s (6·N·tokens/s for training, Kaplan et al. 2020)."""
 
@@ -207,6 +217,7 @@ def make_trainer(ctx: StepContext, spec: TrainingStepSpec, steps: int, params: i
                         save_top_k=1, monitor="step", mode="max", save_last=True),
         NanGuard(ctx.name),
         Throughput(params),
+        CheckpointOnStop(ctx.ckpt_dir),
     ]
     if spec.grad_clip:
         cbs.append(ClipGradNorm(spec.grad_clip))
@@ -225,9 +236,9 @@ def make_trainer(ctx: StepContext, spec: TrainingStepSpec, steps: int, params: i
     t = ctx.trainer
     precision = resolve_precision(t.precision, t.accelerator)
     print(f"{ctx.name}: {steps} optimizer steps, precision {precision}, accelerator {t.accelerator}, "
-          f"devices {t.devices}, strategy {resolve_strategy(t.strategy)}", flush=True)
+          f"devices {t.devices} x {t.num_nodes} node(s), strategy {t.strategy}", flush=True)
     return L.Trainer(
-        accelerator=t.accelerator, devices=t.devices, strategy=resolve_strategy(t.strategy), num_nodes=t.num_nodes,
+        accelerator=t.accelerator, devices=t.devices, strategy=t.strategy, num_nodes=t.num_nodes,
         precision=precision, max_steps=steps, max_epochs=-1,
         accumulate_grad_batches=spec.accumulate,
         val_check_interval=spec.val_every * spec.accumulate if validate else None,

@@ -33,9 +33,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(json.dumps([p.to_json() for p in plan], indent=2))
         return 0
     width = max(len(p.name) for p in plan)
+    gets = max(len(p.describe_resources()) for p in plan)
     for p in plan:
         action = p.to_json()["action"]
-        print(f"{p.name:<{width}}  {p.kind:<14} {p.fingerprint[:12]}  {action:<6}  {p.output_dir}")
+        print(f"{p.name:<{width}}  {p.kind:<14} {p.fingerprint[:12]}  {action:<6}  {p.describe_resources():<{gets}}  "
+              f"{p.output_dir}")
         for key, value in p.extra.items():
             print(f"{'':<{width}}    {key}: {value}")
     return 0
@@ -49,19 +51,45 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from flows.plan import make_plan
+    from flows.plan import UsageError, make_plan
 
+    if "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ:
+        raise UsageError("llmcycle run is started once, not under torchrun: it launches torchrun itself for "
+                         "every step whose trainer has devices x num_nodes above 1")
     loaded = _load(args.spec, args.set)  # fail fast, before any server or heavy import
-    make_plan(loaded, force=args.force, only=args.only)
-    from flows.pipeline import format_failure, run_pipeline
+    plan = make_plan(loaded, force=args.force, only=args.only)
+    if not args.in_process and any(p.will_run and not p.run_on for p in plan):
+        from flows.launch import start_forkserver
 
+        start_forkserver()  # its imports overlap Prefect's start-up
+    from flows.pipeline import check_in_process, format_failure, run_pipeline
+
+    if args.in_process:
+        check_in_process(plan)
     try:
-        results = run_pipeline(str(loaded.path), overrides=args.set, force=args.force, only=args.only)
-    except Exception as err:
+        results = run_pipeline(str(loaded.path), overrides=args.set, force=args.force, only=args.only,
+                               in_process=args.in_process)
+    except KeyboardInterrupt:
+        raise
+    except BaseException as err:  # noqa: BLE001 - Prefect's TerminationSignal (SIGTERM) is a BaseException
         print(f"\nllmcycle: {format_failure(err)}", file=sys.stderr)
         return EXIT_FAILED
     _print_summary(loaded, results)
     return 0
+
+
+def cmd_step(args: argparse.Namespace) -> int:
+    """Run one step whose inputs are complete; on the other machines of a multi-node step, join it."""
+    import signal
+
+    from flows import step_cli
+
+    stopper = step_cli.Stopper()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, _: stopper.stop(signal.Signals(signum).name))
+    ok, message = step_cli.run_one(_load(args.spec, args.set), args.step, args.force, stopper)
+    print(f"llmcycle: {message}", file=sys.stderr if not ok else sys.stdout)
+    return 0 if ok else EXIT_FAILED
 
 
 def _print_summary(loaded, results: dict[str, dict]) -> None:
@@ -113,7 +141,17 @@ def build_parser() -> argparse.ArgumentParser:
                        help="run STEP and the steps it needs, nothing else")
         if name == "plan":
             p.add_argument("--json", action="store_true", help="print the plan as JSON")
+        else:
+            p.add_argument("--in-process", action="store_true",
+                           help="run every step inside this process, one at a time (for a debugger)")
         p.set_defaults(func=func)
+
+    p = sub.add_parser("step", help="run one step whose inputs are complete (on each machine of a multi-node step)")
+    p.add_argument("spec", metavar="SPEC")
+    p.add_argument("step", metavar="STEP")
+    with_overrides(p)
+    p.add_argument("--force", action="store_true", help="run it even if its output is complete")
+    p.set_defaults(func=cmd_step)
 
     p = sub.add_parser("schema", help="print the JSON Schema of specs")
     p.set_defaults(func=cmd_schema)
@@ -142,6 +180,7 @@ def _extra_commands():
 
 
 def main(argv: list[str] | None = None) -> int:
+    from flows.plan import UsageError
     from schemas import SpecError
 
     args = build_parser().parse_args(argv)
@@ -151,12 +190,15 @@ def main(argv: list[str] | None = None) -> int:
         print(err, file=sys.stderr)
         print(f"llmcycle: {len(err.problems)} problem(s) found", file=sys.stderr)
         return EXIT_SPEC
-    except KeyError as err:  # an unknown step in --force/--only
-        print(f"llmcycle: {err.args[0]}", file=sys.stderr)
+    except UsageError as err:
+        print(f"llmcycle: {err}", file=sys.stderr)
         return EXIT_SPEC
     except KeyboardInterrupt:
         print("llmcycle: interrupted; completed steps are kept and a re-run resumes", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `llmcycle plan SPEC | head`
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

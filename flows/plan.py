@@ -1,8 +1,10 @@
 """Fingerprints and output folders: which steps are complete and which must run.
 
-A step's fingerprint hashes its resolved settings, the pipeline-wide settings that change its result
-(seed, trainer), its upstream fingerprints and the contents of its input files. Its output folder is
-`<workdir>/<step>/<fingerprint[:12]>`; `result.json`, written last, marks it complete.
+A step's fingerprint hashes its resolved settings, the settings that change its result (the seed, the
+trainer it runs with, but not where it runs), its upstream fingerprints and the contents of its input
+files. Its output folder is `<workdir>/<step>/<fingerprint[:12]>`; `result.json`, written last, marks it
+complete. Beside it, keyed by the same fingerprint: `.ckpt-*` (resumable checkpoints) and `.run-*` (the
+engine's lock, log and reports for the step, see `run_dir`).
 """
 
 from __future__ import annotations
@@ -15,10 +17,15 @@ from pathlib import Path
 
 from schemas import LoadedSpec, dependencies, step_order
 from schemas.base import StepSpec
+from schemas.resources import PLACEMENT_FIELDS, TrainerSpec
 
 # Bump when a change to the code must invalidate every cached output.
-CODE_VERSION = "1"
+CODE_VERSION = "2"
 RESULT_FILE = "result.json"
+
+
+class UsageError(Exception):
+    """A command-line mistake (an unknown step name, a command run the wrong way): exit status 2."""
 
 
 @dataclass
@@ -34,10 +41,24 @@ class PlannedStep:
     selected: bool = True
     forced: bool = False
     extra: dict = field(default_factory=dict)  # kind-specific planning facts (e.g. compute-optimal sizing)
+    resources: dict = field(default_factory=dict)  # the merged trainer settings (schemas.resources.TrainerSpec)
+    run_on: dict | None = None  # a Prefect work pool to run on, or None for beside the flow
 
     @property
     def will_run(self) -> bool:
         return self.selected and (self.forced or not self.cached)
+
+    def describe_resources(self) -> str:
+        """What the step runs on, in a few words: `cpu x1`, `gpu x8 fsdp bf16-mixed, 2 nodes (torchrun)`."""
+        if self.run_on:
+            return f"work pool {self.run_on['work_pool']}"
+        from flows.launch import visible_gpus
+
+        r = TrainerSpec.model_validate(self.resources)
+        text = f"{r.accelerator} x{r.devices}" + "".join(f" {v}" for v in (r.strategy, r.precision) if v != "auto")
+        if r.num_nodes > 1:
+            return text + f", {r.num_nodes} nodes (torchrun, c10d at {r.launcher.rdzv_endpoint})"
+        return text + (" (torchrun)" if r.world_size(len(visible_gpus())) > 1 else "")
 
     def to_json(self) -> dict:
         out = asdict(self)
@@ -55,23 +76,31 @@ def checkpoint_dir(workdir: Path, name: str, fingerprint: str) -> Path:
     return workdir / name / f".ckpt-{fingerprint[:12]}"
 
 
+def run_dir(workdir: Path, name: str, fingerprint: str) -> Path:
+    """The engine's own files for this fingerprint: `lock` (held while a run works on the step), `step.log`,
+    `step.request.json`, `error.json` (why the last attempt failed) and `launch.json` (how the nodes of a
+    multi-node step find its MLflow run)."""
+    return workdir / name / f".run-{fingerprint[:12]}"
+
+
 def make_plan(loaded: LoadedSpec, force: list[str] | None = None, only: list[str] | None = None) -> list[PlannedStep]:
     """Compute every step's fingerprint and status, in dependency order."""
     spec, prints, plan = loaded.spec, {}, []
     unknown = [n for n in list(force or []) + list(only or []) if n not in spec.steps]
     if unknown:
-        raise KeyError(f"no step named {', '.join(map(repr, unknown))}; steps: {', '.join(spec.steps)}")
+        raise UsageError(f"no step named {', '.join(map(repr, unknown))}; steps: {', '.join(spec.steps)}")
     wanted = _with_ancestors(loaded, only) if only else set(spec.steps)
     redacted = loaded.redacted()
     for name in step_order(spec):
         step = spec.steps[name]
         deps = dependencies(spec, name)
+        resources = loaded.resources(name).model_dump(mode="json")
         payload = {
             "code": CODE_VERSION,
             "kind": step.kind,
-            "spec": redacted["steps"][name],
+            "spec": {k: v for k, v in redacted["steps"][name].items() if k not in ("trainer", "run_on")},
             "seed": spec.seed,
-            "trainer": redacted["trainer"],
+            "trainer": {k: v for k, v in resources.items() if k not in PLACEMENT_FIELDS},
             "upstream": {d: prints[d] for d in deps},
             "inputs": input_identity(step, loaded.base_dir),
         }
@@ -80,7 +109,8 @@ def make_plan(loaded: LoadedSpec, force: list[str] | None = None, only: list[str
         out = step_dir(loaded.workdir, name, fp)
         plan.append(PlannedStep(name=name, kind=step.kind, deps=deps, fingerprint=fp, output_dir=out,
                                 cached=(out / RESULT_FILE).is_file(), selected=name in wanted,
-                                forced=name in (force or []), extra=_plan_extra(step)))
+                                forced=name in (force or []), extra=_plan_extra(step), resources=resources,
+                                run_on=step.run_on.model_dump(mode="json") if step.run_on else None))
     return plan
 
 

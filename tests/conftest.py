@@ -28,7 +28,7 @@ def make_ctx(tmp: Path, name: str = "step", kind: str = "step", upstream: dict |
              trainer: dict | None = None, base_dir: Path | None = None, fingerprint: str = "0" * 64):
     """A StepContext for calling a component's run() directly, without Prefect or MLflow."""
     from components.context import StepContext
-    from schemas.pipeline import TrainerSpec
+    from schemas.resources import TrainerSpec
 
     out = tmp / name / "out"
     out.mkdir(parents=True, exist_ok=True)
@@ -113,6 +113,29 @@ def serving(command: list[str], ready_url: str, log: Path, seconds: float, cwd: 
             except subprocess.TimeoutExpired:
                 os.killpg(server.pid, signal.SIGKILL)
                 server.wait()
+
+
+@contextlib.contextmanager
+def started(command: list[str], log: Path, env: dict | None = None, cwd: Path = REPO):
+    """A process writing to `log`; on leaving the block, its whole session is stopped if it still runs (so a
+    failing test leaves no pipeline, fork server or torchrun agent behind)."""
+    import signal
+    import subprocess
+
+    with open(log, "w") as out:
+        proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        yield proc
+    finally:
+        for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+            if proc.poll() is not None:
+                break
+            try:
+                os.killpg(proc.pid, sig)
+                proc.wait(wait)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                continue
 
 
 @pytest.fixture

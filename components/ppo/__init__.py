@@ -17,6 +17,7 @@ import lightning as L
 import torch
 
 from components.context import StepContext, StepOutput
+from components.training import world_size
 from schemas.steps.ppo import PPOSpec
 
 SAMPLE_BATCH = 64  # held-out prompts generated per batch
@@ -32,7 +33,7 @@ def load_prompts(spec: PPOSpec, ctx: StepContext, tokenizer=None) -> tuple[list[
 
         rows = make_examples(ctx.seed, "train", data.n_per_task, data.tasks)
         held = make_examples(ctx.seed, "eval", max(4, data.n_per_task // 4), data.tasks)
-        return _fill(rows, spec.rollouts), held
+        return _fill(rows, spec.rollouts * world_size()), held
     rows = [normalize_messages_prompt(r, where, tokenizer) for where, r in
             read_jsonl(data.files, ctx.resolve_path, "prompts.files")]
     held = [normalize_messages_prompt(r, where, tokenizer) for where, r in
@@ -41,11 +42,11 @@ def load_prompts(spec: PPOSpec, ctx: StepContext, tokenizer=None) -> tuple[list[
         random.Random(ctx.seed).shuffle(rows)
         k = max(1, int(len(rows) * data.eval_fraction))
         held, rows = rows[:k], rows[k:]
-    return _fill(rows, spec.rollouts), held
+    return _fill(rows, spec.rollouts * world_size()), held
 
 
 def _fill(rows: list[dict], batch: int) -> list[dict]:
-    """Repeat a short prompt list so that it fills at least one rollout batch."""
+    """Repeat a short prompt list so that it fills at least one rollout batch on every rank."""
     return rows * -(-batch // len(rows)) if 0 < len(rows) < batch else rows
 
 

@@ -9,7 +9,7 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from components.context import StepContext
-from components.training import StepLogger, resolve_precision
+from components.training import CheckpointOnStop, StepLogger, resolve_precision
 from schemas.steps.ppo import PPOSpec
 
 
@@ -39,7 +39,7 @@ def make_ppo_trainer(ctx: StepContext, spec: PPOSpec) -> L.Trainer:
     callbacks = [ModelCheckpoint(dirpath=ctx.ckpt_dir, filename="step-{step}", save_top_k=1, monitor="step",
                                  mode="max", save_last=True,
                                  every_n_train_steps=min(spec.checkpoint_every, spec.iterations) * per_iteration),
-                 IterationProgress(ctx.name, spec.iterations)]
+                 IterationProgress(ctx.name, spec.iterations), CheckpointOnStop(ctx.ckpt_dir)]
     logger = StepLogger(run_id=ctx.run_id, tracking_uri=ctx.tracking_uri) if ctx.run_id else False
     t = ctx.trainer
     return L.Trainer(accelerator=t.accelerator, devices=t.devices, strategy=t.strategy, num_nodes=t.num_nodes,

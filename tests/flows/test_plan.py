@@ -13,7 +13,7 @@ from typing import Annotated, ClassVar, Literal, Union
 import pytest
 from pydantic import Field
 
-from flows.plan import make_plan
+from flows.plan import UsageError, make_plan
 from schemas.base import ModelRef, StepSpec, TokenizerRef
 from schemas.loader import apply_overrides, parse_file
 from schemas.pipeline import LoadedSpec, PipelineSpec
@@ -94,7 +94,7 @@ def test_only_selects_a_step_and_what_it_needs_and_force_marks_one(spec):
     assert {n for n, p in plan.items() if p.selected} == {"tok", "base"}
     assert {n for n, p in plan.items() if p.forced} == {"tok"}
     assert {n for n, p in plan.items() if p.will_run} == {"tok", "base"}
-    with pytest.raises(KeyError, match="no step named 'bsae'"):
+    with pytest.raises(UsageError, match="no step named 'bsae'"):
         make_plan(load(spec), only=["bsae"])
 
 

@@ -1,0 +1,79 @@
+"""What running each step in its own process costs: the quickstart's wall time, in-process vs isolated.
+
+Three ways to run the same spec, each from an empty workdir, as a user runs it (`llmcycle run`, Prefect's
+ephemeral server included), alternating in rounds so that a busy moment of the machine does not land on
+one of them:
+
+  (a) `--in-process`: every step inside the flow's process, one at a time (the design before isolation);
+  (b) isolated, `max_parallel: 1`: each step forked from the preloading fork server, one at a time;
+  (c) isolated, the default scheduling: `max_parallel: 2`, but CPU steps take turns on the CPU (on 2 cores,
+      base_eval beside sft took 44 s where one after the other took 15 s), so here (c) behaves like (b).
+
+Goal: (b)/(a) and (c)/(a) at most 1.05.
+
+    .venv/bin/python benchmarks/bench_isolation.py            # the full quickstart (about 2.5 min a run)
+    .venv/bin/python benchmarks/bench_isolation.py --quick    # a shortened quickstart
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+QUICK = ["steps.base.max_steps=60", "steps.base.val_every=30", "steps.sft.max_steps=40", "steps.sft.val_every=20",
+         "steps.sft.data.n_per_task=40", "steps.sft.data.eval_per_task=8", "steps.rm.epochs=1",
+         "steps.rm.data.n_per_task=40", "steps.ppo.iterations=4", "steps.ppo.rollouts=16",
+         "steps.final_eval.tasks.n_per_task=4"]
+MODES = {"a in-process": (["--in-process"], []), "b isolated, one step at a time": ([], ["max_parallel=1"]),
+         "c isolated, default scheduling": ([], [])}
+
+
+def run_once(workdir: Path, flags: list[str], sets: list[str]) -> float:
+    """Wall seconds of one `llmcycle run` of the quickstart into an empty workdir."""
+    shutil.rmtree(workdir, ignore_errors=True)
+    spec = workdir / "specs" / "quickstart.yaml"
+    spec.parent.mkdir(parents=True)
+    spec.write_text((REPO / "specs" / "quickstart.yaml").read_text())
+    command = [sys.executable, "-m", "flows.cli", "run", str(spec), *flags]
+    for value in sets:
+        command += ["--set", value]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_API"))}
+    env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    started = time.perf_counter()
+    out = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - started
+    if out.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+    return seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a shortened quickstart")
+    parser.add_argument("--rounds", type=int, default=1, help="rounds of (a, b, c); the median is reported")
+    args = parser.parse_args()
+    times: dict[str, list[float]] = {mode: [] for mode in MODES}
+    with tempfile.TemporaryDirectory(prefix="bench-isolation-") as tmp:
+        for round_ in range(args.rounds):
+            for mode, (flags, sets) in MODES.items():
+                seconds = run_once(Path(tmp) / "project", flags, (QUICK if args.quick else []) + sets)
+                times[mode].append(seconds)
+                print(f"round {round_ + 1}: {mode:<30} {seconds:7.1f} s", flush=True)
+    base = statistics.median(times["a in-process"])
+    print(f"\nquickstart{' (--quick)' if args.quick else ''}, median of {args.rounds} round(s), this machine "
+          f"({os.cpu_count()} cores):")
+    for mode, values in times.items():
+        value = statistics.median(values)
+        print(f"  {mode:<30} {value:7.1f} s   {value / base:5.3f}x of (a)")
+
+
+if __name__ == "__main__":
+    main()

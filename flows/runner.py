@@ -1,0 +1,111 @@
+"""Run one planned step from start to end: the lock on its fingerprint, its MLflow run, its process(es).
+
+Shared by the pipeline's Prefect task and by `llmcycle step`. Light on purpose (no Prefect, no torch).
+"""
+
+from __future__ import annotations
+
+import threading
+
+import schemas
+from components.context import StepResult, write_json_atomic
+from flows import launch, tracking
+from flows.plan import RESULT_FILE, PlannedStep, run_dir
+from flows.step import StepRequest
+
+
+class StepFailed(RuntimeError):
+    """A step failed; the message names the step and the cause in one paragraph."""
+
+
+class StepStopped(RuntimeError):
+    """A step was stopped (Ctrl-C, SIGTERM, cancelled in Prefect); its checkpoint is kept."""
+
+
+class PipelineFailed(RuntimeError):
+    """One or more steps failed; the message names every one of them."""
+
+
+class Stopper:
+    """Why the pipeline is stopping, if it is: shared by the flow and its step tasks (threads)."""
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
+        self._lock = threading.Lock()
+
+    def stop(self, reason: str) -> None:
+        with self._lock:
+            self.reason = self.reason or reason
+
+    def __call__(self) -> str | None:
+        return self.reason
+
+
+def step_lock(folder):
+    """The lock on a step's fingerprint (a file in its run folder, so it works across processes and, on shared
+    storage that honours locks, across machines)."""
+    from filelock import FileLock
+
+    return FileLock(str(folder / "lock"))
+
+
+def try_lock(lock) -> bool:
+    from filelock import Timeout
+
+    try:
+        lock.acquire(blocking=False)
+    except Timeout:
+        return False
+    return True
+
+
+def execute_step(planned: PlannedStep, loaded: schemas.LoadedSpec, upstream: dict[str, StepResult], client,
+                 parent_run_id: str, uri: str, on_line, should_stop, cuda_devices: str | None = None,
+                 cpu_threads: int | None = None, in_process: bool = False, lock=None) -> StepResult:
+    """Run one step (or reuse its complete output) in its nested MLflow run; raise StepFailed/StepStopped.
+
+    `lock`: the step's lock, already held by the caller; by default it is taken here (waiting for another run
+    that holds it, then reusing that run's output).
+    """
+    folder = run_dir(loaded.workdir, planned.name, planned.fingerprint)
+    folder.mkdir(parents=True, exist_ok=True)
+    record = folder / "launch.json"
+    if lock is None:
+        lock = step_lock(folder)
+        if not try_lock(lock):
+            on_line(f"{planned.name}: another run is working on this step; waiting for it")
+            lock.acquire()
+    try:
+        reuse = (planned.output_dir / RESULT_FILE).is_file() and not planned.forced
+        run_id = tracking.start_step_run(loaded, client, parent_run_id, planned, cached=reuse)
+        if reuse:
+            result = StepResult.read(planned.output_dir)
+            tracking.finish_step_run(client, run_id, "ok", result.metrics)
+            on_line(f"{planned.name}: complete output found in {planned.output_dir}, skipped")
+            return result
+        request = StepRequest(spec_path=str(loaded.path), overrides=list(loaded.overrides), name=planned.name,
+                              kind=planned.kind, fingerprint=planned.fingerprint, output_dir=str(planned.output_dir),
+                              workdir=str(loaded.workdir), resources=planned.resources, tracking_uri=uri,
+                              run_id=run_id, upstream={n: {**r.to_json(), "dir": str(r.dir)} for n, r in upstream.items()},
+                              cuda_devices=cuda_devices, cpu_threads=cpu_threads)
+        if planned.resources.get("num_nodes", 1) > 1:  # while it exists, the other nodes' `llmcycle step` join
+            write_json_atomic(record, {"run_id": run_id, "tracking_uri": uri})
+        if planned.run_on:
+            outcome = launch.run_on_pool(request, planned.run_on, on_line, should_stop)
+        elif in_process:
+            outcome = launch.run_inline(request, on_line, should_stop)
+        else:
+            outcome = launch.run_local(request, on_line, should_stop)
+        result = StepResult.read(planned.output_dir) if outcome.ok else None
+        tracking.finish_step_run(client, run_id, outcome.status, result.metrics if result else None,
+                                 error=outcome.message, log=request.log_path)
+    finally:
+        record.unlink(missing_ok=True)
+        lock.release()
+    if outcome.status == "stopped":
+        raise StepStopped(f"step '{planned.name}' ({planned.kind}) {outcome.message}")
+    if not outcome.ok:
+        raise StepFailed(f"step '{planned.name}' ({planned.kind}) failed: {outcome.message}")
+    return result
+
+

@@ -1,0 +1,180 @@
+"""How steps execute: a process of their own, branches at the same time, two runs at once, stopping and resuming.
+
+The runs here are real `llmcycle run` processes (or the flow in this process) on the session's Prefect
+server, with tiny models; signals are sent the way a terminal, a supervisor or Prefect's UI sends them.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import started
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+LM = "{family: llama, layers: 2, hidden: 32, heads: 2, context: 64}"
+BRANCHES = f"""\
+name: branches
+workdir: work
+max_parallel: 3
+trainer: {{accelerator: cpu, precision: 32-true}}
+steps:
+  tok: {{kind: tokenize, corpus: {{builtin: pydoc}}, vocab_size: 400}}
+  lm: {{kind: pretrain, tokenizer: tok, model: {LM}, max_steps: 10, batch_size: 8, log_model: false}}
+  ev1: {{kind: evaluate, model: lm, tokens: tok, max_batches: 8, embeddings: {{words: [class], k: 3}},
+         trainer: {{share_devices: true}}}}
+  ev2: {{kind: evaluate, model: lm, tokens: tok, split: train, max_batches: 8, embeddings: {{words: [list], k: 3}},
+         trainer: {{share_devices: true}}}}
+  bad: {{kind: evaluate, model: lm, tasks: {{items: [{{name: t, file: missing.jsonl}}]}}}}
+"""
+LONG = f"""\
+name: long
+workdir: work
+trainer: {{accelerator: cpu, precision: 32-true}}
+steps:
+  tok: {{kind: tokenize, corpus: {{builtin: pydoc}}, vocab_size: 400}}
+  lm:
+    kind: pretrain
+    tokenizer: tok
+    model: {LM}
+    max_steps: 2400
+    val_every: 1200
+    checkpoint_every: 150
+    batch_size: 8
+    log_model: false
+"""
+
+
+def store(spec: Path) -> MlflowClient:
+    return MlflowClient(f"sqlite:///{spec.parent / 'work' / 'mlflow.db'}")
+
+
+def step_runs(spec: Path, name: str, step: str | None = None) -> list:
+    client = store(spec)
+    where = f"tags.`llmcycle.step` = '{step}'" if step else "tags.`llmcycle.step` != ''"
+    return client.search_runs([client.get_experiment_by_name(name).experiment_id], where,
+                              order_by=["attributes.start_time ASC"])
+
+
+def parent_runs(spec: Path, name: str) -> list:
+    client = store(spec)
+    return client.search_runs([client.get_experiment_by_name(name).experiment_id],
+                              f"tags.`mlflow.runName` = '{name}'", order_by=["attributes.start_time ASC"])
+
+
+def env() -> dict:
+    from prefect.settings import PREFECT_API_URL
+
+    out = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    out.update(PREFECT_API_URL=PREFECT_API_URL.value(), PYTHONUNBUFFERED="1")
+    return out
+
+
+def llmcycle(spec: Path, *args: str, log: Path):
+    return started([sys.executable, "-m", "flows.cli", "run", str(spec), *args], log, env=env())
+
+
+def wait_for(predicate, proc: subprocess.Popen, log: Path, what: str, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while not predicate():
+        assert proc.poll() is None, f"run ended before {what}:\n{log.read_text()[-3000:]}"
+        assert time.time() < deadline, f"no {what} within {timeout} s"
+        time.sleep(0.2)
+
+
+def checkpoint_step(workdir: Path) -> int:
+    """The step of the newest periodic checkpoint of `lm` (0: none yet)."""
+    found = glob.glob(str(workdir / "lm" / ".ckpt-*" / "step-step=*.ckpt"))
+    return max((int(p.rsplit("=", 1)[1].split(".")[0]) for p in found), default=0)
+
+
+def test_branches_run_at_once_in_their_own_processes_and_a_failure_lets_them_finish(tmp_path):
+    from flows.pipeline import format_failure, run_pipeline
+
+    spec = tmp_path / "branches.yaml"
+    spec.write_text(BRANCHES)
+    with pytest.raises(Exception) as err:
+        run_pipeline(str(spec))
+    message = format_failure(err.value)
+    assert message.startswith("step 'bad' (evaluate) failed: tasks.items 't': file ") and "missing.jsonl" in message
+
+    runs = {r.data.tags["llmcycle.step"]: r for r in step_runs(spec, "branches")}
+    assert {n: r.info.status for n, r in runs.items()} == {"tok": "FINISHED", "lm": "FINISHED", "ev1": "FINISHED",
+                                                           "ev2": "FINISHED", "bad": "FAILED"}
+    ev1, ev2 = runs["ev1"].info, runs["ev2"].info
+    assert ev1.start_time < ev2.end_time and ev2.start_time < ev1.end_time, "independent branches did not overlap"
+    pids = {n: int(r.data.tags["llmcycle.pid"]) for n, r in runs.items()}
+    assert os.getpid() not in pids.values() and len(set(pids.values())) == len(pids)  # one process per step
+    assert all(int(r.data.tags["llmcycle.launcher_pid"]) == os.getpid() for r in runs.values())
+    assert runs["ev1"].data.tags["llmcycle.world_size"] == "1"
+    for name in ("ev1", "ev2"):  # the branches that did not fail completed, and their logs reached MLflow
+        assert len(glob.glob(str(tmp_path / "work" / name / "*" / "result.json"))) == 1
+        logs = [a.path for a in store(spec).list_artifacts(runs[name].info.run_id, "logs")]
+        assert logs == ["logs/step.log"]
+    assert parent_runs(spec, "branches")[-1].info.status == "FAILED"
+
+
+def test_two_runs_started_together_train_each_step_once(tmp_path):
+    spec = tmp_path / "twice.yaml"
+    spec.write_text(BRANCHES.replace("name: branches", "name: twice").split("  ev1:")[0])
+    logs = [tmp_path / "first.log", tmp_path / "second.log"]
+    with llmcycle(spec, log=logs[0]) as first, llmcycle(spec, log=logs[1]) as second:
+        first.wait(timeout=600), second.wait(timeout=600)
+    outputs = [log.read_text() for log in logs]
+    assert first.returncode == 0 and second.returncode == 0, "\n".join(o[-2000:] for o in outputs)
+    runs = step_runs(spec, "twice")
+    for step in ("tok", "lm"):
+        trained = [r for r in runs if r.data.tags["llmcycle.step"] == step and r.data.tags["llmcycle.cached"] == "no"]
+        reused = [r for r in runs if r.data.tags["llmcycle.step"] == step and r.data.tags["llmcycle.cached"] == "yes"]
+        assert len(trained) == 1 and len(reused) == 1, (step, len(trained), len(reused))
+        assert len(glob.glob(str(tmp_path / "work" / step / "*" / "result.json"))) == 1
+    assert any("another run is working on this step; waiting for it" in o for o in outputs)
+    assert not glob.glob(str(tmp_path / "work" / "*" / ".tmp-*"))
+
+
+def test_ctrl_c_sigterm_and_cancel_stop_the_step_and_each_rerun_resumes(tmp_path):
+    from prefect.client.orchestration import get_client
+    from prefect.states import Cancelling
+
+    spec, work = tmp_path / "long.yaml", tmp_path / "work"
+    spec.write_text(LONG)
+    reached = 0
+    for attempt, how in enumerate(("SIGINT", "SIGTERM", "cancel")):
+        log = tmp_path / f"{how}.log"
+        with llmcycle(spec, log=log) as proc:
+            wait_for(lambda: checkpoint_step(work) > reached, proc, log, "a new periodic checkpoint")
+            reached = checkpoint_step(work)
+            if how == "cancel":  # as the UI's Cancel button does: the flow run goes to Cancelling
+                flow_run_id = parent_runs(spec, "long")[-1].data.tags["prefect.flow_run_id"]
+                with get_client(sync_client=True) as client:
+                    client.set_flow_run_state(flow_run_id, Cancelling(message="cancelled by the test"), force=True)
+            else:
+                proc.send_signal(getattr(signal, how))
+            proc.wait(timeout=180)
+        out = log.read_text()
+        assert proc.returncode != 0, out[-3000:]
+        assert attempt == 0 or "lm: resuming from" in out, out[-3000:]
+        lm = step_runs(spec, "long", "lm")
+        assert len(lm) == attempt + 1 and lm[-1].info.status == "KILLED", (how, out[-3000:])
+        assert "stopped" in lm[-1].data.tags["llmcycle.error"]
+        assert parent_runs(spec, "long")[-1].info.status == "KILLED"
+        assert glob.glob(str(work / "lm" / ".ckpt-*" / "last.ckpt")), out[-3000:]
+        assert not glob.glob(str(work / "lm" / "*" / "result.json"))
+
+    log = tmp_path / "done.log"
+    with llmcycle(spec, log=log) as done:
+        done.wait(timeout=600)
+    out = log.read_text()
+    assert done.returncode == 0 and "lm: resuming from" in out, out[-3000:]
+    [result] = glob.glob(str(work / "lm" / "*" / "result.json"))
+    assert json.loads(Path(result).read_text())["metrics"]["steps"] == 2400
