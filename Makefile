@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 SPEC ?= specs/quickstart.yaml
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-.PHONY: install run test ui bench clean
+.PHONY: install run test ui bench figures clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,9 @@ ui: install
 
 bench: install
 	for b in benchmarks/bench_*.py; do $(BIN)/python $$b || exit 1; done
+
+figures: install
+	$(BIN)/python docs/figures.py
 
 clean:
 	rm -rf runs test-artifacts .pytest_cache

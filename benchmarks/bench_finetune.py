@@ -29,7 +29,7 @@ def build_base(folder: Path, layers: int, hidden: int) -> None:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    from components.tasks import make_examples
+    from components.lib.tasks import make_examples
 
     rows = make_examples(0, "train", 200)
     tok = Tokenizer(models.BPE())
@@ -48,7 +48,7 @@ def build_base(folder: Path, layers: int, hidden: int) -> None:
 
 
 def rows_for(n: int) -> list[dict]:
-    from components.tasks import make_examples
+    from components.lib.tasks import make_examples
 
     return make_examples(0, "train", n)
 
@@ -57,7 +57,7 @@ def tokens_seen(folder: Path, rows: list[dict], steps: int, batch: int) -> float
     """Non-padding tokens per batch (mean over the data) times the batches trained."""
     from transformers import AutoTokenizer
 
-    from components.sft import encode
+    from components.lib.sft import encode
 
     tok = AutoTokenizer.from_pretrained(folder)
     mean = sum(len(encode(tok, r["prompt"], r["completion"], 256)[0]) for r in rows) / len(rows)

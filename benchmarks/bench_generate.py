@@ -25,7 +25,7 @@ PROMPTS = ["The for statement", "A class definition", "The import system", "Exce
 def build(root: Path, quick: bool):
     from bench_pretrain import make_ctx  # noqa: the sibling benchmark's helpers
 
-    from components import models, tokenize
+    from components.lib import models, tokenize
     from schemas.steps.pretrain import ModelSpec
     from schemas.steps.tokenize import TokenizeSpec
 
@@ -54,7 +54,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a smaller model and fewer repeats")
     args = parser.parse_args()
-    from components.generation import encode_prompts, generate_texts, generation_config
+    from components.lib.generation import encode_prompts, generate_texts, generation_config
 
     model, tok = build(Path(tempfile.mkdtemp(prefix="bench_generate_")), args.quick)
     new_tokens, repeats = (32, 5) if args.quick else (64, 10)

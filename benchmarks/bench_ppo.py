@@ -51,7 +51,7 @@ def main() -> None:
 
     from components.ppo import build_module, load_policy, load_scorer
     from components.ppo.rollout import sample
-    from components.tasks import make_examples
+    from components.lib.tasks import make_examples
     from schemas.steps.ppo import PPOSpec
 
     tmp = Path(tempfile.mkdtemp())

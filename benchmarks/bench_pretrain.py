@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from components.context import StepContext  # noqa: E402
+from components.lib.context import StepContext  # noqa: E402
 from schemas.resources import TrainerSpec  # noqa: E402
 
 
@@ -37,7 +37,7 @@ def make_ctx(root: Path, name: str, precision: str, upstream: dict | None = None
 
 def tokenized(root: Path):
     from components import tokenize
-    from components.context import StepResult
+    from components.lib.context import StepResult
     from schemas.steps.tokenize import TokenizeSpec
 
     ctx = make_ctx(root, "tokenizer", "32-true")
@@ -64,8 +64,8 @@ def autocast(precision: str):
 
 def hand_loop(spec, tok, blocks, precision: str) -> float:
     """(a) The minimal loop: forward, backward, clip, AdamW step, schedule step."""
-    from components import models
-    from components.training import configure_optimizer
+    from components.lib import models
+    from components.lib.training import configure_optimizer
 
     torch.manual_seed(0)
     model = models.build_model(spec.model, tok, "causal")
@@ -90,14 +90,14 @@ def component(spec, tok, root: Path, precision: str) -> tuple[float, int]:
 
     ctx = make_ctx(root, "base", precision, {"tokenizer": tok})
     out = pretrain.run(spec, ctx)
-    return out.metrics["perf/tokens_per_s"], int(out.metrics["params"])
+    return out.metrics["perf/tokens_per_s"], int(out.metrics["params/total"])
 
 
 def hf_trainer(spec, tok, blocks, root: Path, precision: str) -> float:
     """(c) transformers' Trainer on the same blocks."""
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
-    from components import models
+    from components.lib import models
 
     class Timer(TrainerCallback):
         start = end = None
@@ -140,8 +140,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    from components import models
-    from components.data import TokenDataModule
+    from components.lib import models
+    from components.lib.tokens import TokenDataModule
     from schemas.steps.pretrain import PretrainSpec
 
     size = {"layers": 2, "hidden": 128, "heads": 4} if args.quick else {"layers": 4, "hidden": 256, "heads": 8}

@@ -47,8 +47,10 @@ def main() -> None:
     from datasets import Dataset
     from trl import RewardConfig, RewardTrainer
 
-    from components.preferences import builtin_pairs, normalize_pair
-    from components.reward_model import encode_pair, load_reward_model, run
+    from components.lib.preferences import builtin_pairs, normalize_pair
+    from components.lib.preferences import encode_pairs
+    from components.lib.rewards import load_reward_model
+    from components.reward_model import run
     from schemas.steps.reward_model import RewardModelSpec
     from tests.conftest import make_ctx
 
@@ -58,8 +60,8 @@ def main() -> None:
     model.save_pretrained(tmp / "rm0")
     tok.save_pretrained(tmp / "rm0")
     n = max(8, steps * batch // 8)
-    train = [encode_pair(tok, normalize_pair(r, "b"), 256) for r in builtin_pairs(0, "train", n)]
-    tokens = sum(len(r["chosen"]) + len(r["rejected"]) for r in train[:steps * batch])
+    train = encode_pairs([normalize_pair(r) for r in builtin_pairs(0, "train", n)], tok, 256)
+    tokens = sum(len(r["chosen"][0]) + len(r["rejected"][0]) for r in train[:steps * batch])
 
     spec = RewardModelSpec(kind="reward_model", model=str(tmp / "rm0"), data={"builtin": "preferences", "n_per_task": n},
                            batch_size=batch, max_steps=steps, val_every=10_000, val_batches=1)
@@ -69,7 +71,7 @@ def main() -> None:
     start = time.perf_counter()
     model, tok = load_reward_model(str(tmp / "rm0"))
     trainer = RewardTrainer(model=model, processing_class=tok, train_dataset=Dataset.from_list(
-        [{"chosen_ids": r["chosen"], "rejected_ids": r["rejected"]} for r in train]),
+        [{"chosen_ids": r["chosen"][0], "rejected_ids": r["rejected"][0]} for r in train]),
         args=RewardConfig(output_dir=str(tmp / "trl"), per_device_train_batch_size=batch, max_steps=steps,
                           report_to=[], save_strategy="no", use_cpu=True, logging_steps=steps))
     start = time.perf_counter()

@@ -45,7 +45,7 @@ def make_corpus(path: Path, megabytes: int, seed: int = 0) -> Path:
 
 
 def context(folder: Path, corpus: Path):
-    from components.context import StepContext
+    from components.lib.context import StepContext
     from schemas.resources import TrainerSpec
     from schemas.steps.tokenize import TokenizeSpec
 

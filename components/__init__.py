@@ -1,1 +1,1 @@
-"""One module per step kind: each exposes run(spec, ctx) -> StepOutput."""
+"""One module (or package) per step kind, each exposing `run(spec, ctx) -> StepOutput`; shared code in `lib`."""

@@ -13,156 +13,106 @@ al. 2022).
 
 from __future__ import annotations
 
-import math
 import time
 
 import lightning as L
 import torch
 
-from components.context import StepContext, StepOutput, write_json_atomic
-from components.peft_methods import apply_peft, save_outputs, sparsity_of
-from components.sft import SftDataModule, encode_rows, load_rows, mean_length, replay_blocks, to_prompt_completion
-from components.training import configure_optimizer, count_parameters, fit, make_trainer, total_steps
-from schemas.base import OptimizerSpec, ScheduleSpec
+from components.lib import evaluation, scoring
+from components.lib.context import StepContext, StepOutput
+from components.lib.io import write_json_atomic
+from components.lib.mlflow_models import log_outputs
+from components.lib.models import context_length, load_model
+from components.lib.peft import save_outputs, sparsity_of
+from components.lib.sft import load_rows, replay_blocks, train_sft
+from components.lib.text import pad_token, prompt_completion
 from schemas.steps.finetune import FinetuneSpec
 
-
-class SftModule(L.LightningModule):
-    """Next-token loss on completion tokens (labels are -100 elsewhere) of a transformers/peft model."""
-
-    def __init__(self, model: torch.nn.Module, optimizer: dict | None = None, schedule: dict | None = None,
-                 steps: int = 100):
-        super().__init__()
-        self.save_hyperparameters(ignore=["model"])
-        self.model = model
-        self.tokens_in_batch = 0
-        self._val_sum, self._val_count = 0.0, 0
-
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        self.tokens_in_batch = int(batch["attention_mask"].sum())
-        loss = self.model(**batch).loss
-        self.log("train/loss", loss, prog_bar=True)
-        return loss
-
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        loss = self.model(**batch).loss
-        targets = int((batch["labels"][:, 1:] != -100).sum())
-        self._val_sum, self._val_count = self._val_sum + float(loss) * targets, self._val_count + targets
-        self.log("val/loss", loss, prog_bar=True, batch_size=targets)
-
-    def on_validation_epoch_end(self) -> None:
-        if self._val_count:
-            self.log("val/perplexity", math.exp(min(self._val_sum / self._val_count, 50.0)))
-        self._val_sum, self._val_count = 0.0, 0
-
-    def configure_optimizers(self) -> dict:
-        return configure_optimizer(self.model.named_parameters(), OptimizerSpec(**(self.hparams.optimizer or {})),
-                                   ScheduleSpec(**(self.hparams.schedule or {})), self.hparams.steps)
+PERPLEXITY_BATCH = 16  # windows per batch of the forgetting perplexity (`evaluation.perplexity_batches` of them)
 
 
 def run(spec: FinetuneSpec, ctx: StepContext) -> StepOutput:
-    """Fine-tune `spec.model` on `spec.data` and report base vs tuned scores."""
-    train_rows, eval_rows = load_rows(spec.data, ctx)
-    return train_sft(ctx, spec, ctx.model_source(spec.model), train_rows, eval_rows)
-
-
-def train_sft(ctx: StepContext, spec: FinetuneSpec, model_source: str, train_rows: list[dict],
-              eval_rows: list[dict]) -> StepOutput:
-    """Fine-tune the model at `model_source` on rows you already hold; write and log as the step does.
-
-    Rows are `{prompt, completion}` (optionally `task`, `answer`) or `{messages}`; `eval_rows` are held out
-    (validation loss and the task scores). Uses every other setting of `spec` (peft, optimizer, budget,
-    replay, merge, evaluation; `spec.data` is not read). Returns the StepOutput with outputs `adapter`
-    (peft methods), `model` and `tokenizer` (when merged or a non-adapter method) and `metrics`.
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    """Score the base model, fine-tune it on `spec.data`, save, score the result the same way."""
     L.seed_everything(ctx.seed, workers=True, verbose=False)
-    tokenizer = AutoTokenizer.from_pretrained(model_source)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(model_source, dtype=torch.float32)
-    train = encode_rows(train_rows, tokenizer, spec.data.max_length)
-    val = encode_rows(eval_rows, tokenizer, spec.data.max_length)
-    token_dir = str(ctx.step(spec.tokens).path("tokens")) if spec.tokens else None
-    if spec.replay:
-        count = round(len(train) * spec.replay / (1 - spec.replay))
-        train += replay_blocks(token_dir, count, min(spec.data.max_length, 128), ctx.seed)
-    scored = [dict(zip(("prompt", "completion"), to_prompt_completion(r, tokenizer)), task=r.get("task", "data"),
-                   **({"answer": r["answer"]} if "answer" in r else {})) for r in eval_rows]
-    shot_rows = [r for r in train_rows if "prompt" in r]
-
+    data = spec.data
+    train_rows, eval_rows = load_rows(data, ctx.seed, ctx.resolve_path,
+                                      ctx.step(data.step).path("data") if data.step else None)
+    source = ctx.model_source(spec.model)
+    model, tokenizer = load_model(source, dtype=torch.float32)
+    token_dir = ctx.step(spec.tokens).path("tokens") if spec.tokens else None
+    tasks = (evaluation.builtin_tasks(ctx.seed, data.eval_per_task, data.tasks) if data.builtin else
+             evaluation.tasks_from_rows(as_text(eval_rows, tokenizer), as_text(train_rows, tokenizer),
+                                        spec.evaluation.max_new_tokens)) if spec.evaluation is not None else []
     metrics: dict[str, float] = {}
     predictions: list[dict] = []
-    ev = spec.evaluation
-    if ev is not None and ev.base and scored:
-        m, p = _score(model, tokenizer, scored, "base", spec, shot_rows, token_dir, ctx.seed)
-        metrics.update(m)
-        predictions += p
+    if spec.evaluation is not None and spec.evaluation.base:
+        before, rows = measure(model, tokenizer, tasks, spec, token_dir, "before")
+        metrics.update({f"before/{k}": v for k, v in before.items()})
+        predictions += rows
 
-    model = apply_peft(model, spec.peft, tokenizer)
-    trainable, total = count_parameters(model)
-    metrics.update({"params/trainable": trainable, "params/total": total, "params/trainable_fraction": trainable / total})
-    print(f"{ctx.name}: peft {spec.peft.method}: {trainable:,} trainable of {total:,} parameters "
-          f"({trainable / total:.2%}); {len(train)} training and {len(val)} held-out examples", flush=True)
-
-    steps = total_steps(spec, int(spec.batch_size * spec.accumulate * mean_length(train)))
-    module = SftModule(model, spec.optimizer.model_dump(), spec.schedule.model_dump(), steps)
-    data = SftDataModule(train, val, tokenizer.pad_token_id, spec.batch_size, ctx.seed)
-    trainer = make_trainer(ctx, spec, steps, params=total, validate=bool(val))
+    extra = []
+    if spec.replay:
+        count = round(len(train_rows) * spec.replay / (1 - spec.replay))
+        extra = replay_blocks(token_dir, count, min(data.max_length, 128), ctx.seed)
     started = time.perf_counter()
-    fit(trainer, module, datamodule=data, ctx=ctx)
-    metrics["time/train_seconds"] = time.perf_counter() - started
-    metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("train/", "val/", "perf/"))})
-    metrics["train/steps"] = trainer.global_step
-    model = module.model.float()
-
-    if ev is not None and scored:
-        m, p = _score(model, tokenizer, scored, "tuned", spec, shot_rows, token_dir, ctx.seed)
-        metrics.update(m)
-        predictions += p
-        from components.task_eval import forgetting_deltas
-
-        metrics.update(forgetting_deltas(metrics))
+    result = train_sft(ctx, model, tokenizer, train_rows, eval_rows, spec.peft, spec.loop(), data.max_length, extra)
+    metrics.update(result.metrics)
+    metrics["perf/train_seconds"] = time.perf_counter() - started
     if spec.peft.method == "prune":
-        metrics["prune/sparsity"] = sparsity_of(model)
-    outputs = save_outputs(model, tokenizer, ctx.out_dir, spec.merged)
+        metrics["prune/sparsity"] = sparsity_of(result.model)
+    outputs = save_outputs(result.model, tokenizer, ctx.out_dir, spec.merged)
+
+    if spec.evaluation is not None:  # the model as saved: what `evaluate` on this step's output would load
+        scored = load_model(ctx.out_dir / outputs["model"])[0] if "model" in outputs else result.model
+        after, rows = measure(scored, tokenizer, tasks, spec, token_dir, "after")
+        metrics.update(after)
+        predictions += rows
+        metrics.update(gains(metrics))
     write_json_atomic(ctx.out_dir / "metrics.json", metrics)
     outputs["metrics"] = "metrics.json"
-    _log(ctx, outputs, predictions, spec.peft.method)
-    info = {"base_model": model_source, "peft_method": spec.peft.method, "trainable_params": trainable,
-            "total_params": total}
-    return StepOutput(outputs=outputs, metrics=metrics, info=info)
+    if predictions:
+        ctx.log_table(predictions, "task_predictions.json")
+    log_outputs(ctx, outputs)
+    ctx.set_tags({"llmcycle.peft_method": spec.peft.method})
+    return StepOutput(outputs=outputs, metrics=metrics,
+                      info={"base_model": source, "peft_method": spec.peft.method,
+                            "trainable_params": result.metrics["params/trainable"],
+                            "total_params": result.metrics["params/total"]})
 
 
-def _score(model, tokenizer, rows, label, spec, shot_rows, token_dir, seed):
-    from components.task_eval import score_model
+def as_text(rows: list[dict], tokenizer) -> list[dict]:
+    """Rows with their `prompt` and `completion` as text (chat rows rendered), to score and to use as shots."""
+    return [{**r, **dict(zip(("prompt", "completion"), prompt_completion(r, tokenizer)))} for r in rows]
 
+
+def measure(model, tokenizer, tasks: list[evaluation.Task], spec: FinetuneSpec, token_dir, label: str
+            ) -> tuple[dict[str, float], list[dict]]:
+    """Task accuracy zero- and k-shot, and perplexity on the pretraining held-out tokens (the forgetting)."""
     ev = spec.evaluation
-    shots = (0, ev.shots) if ev.shots else (0,)
     reserve = spec.peft.num_virtual_tokens if spec.peft.method == "prompt_tuning" else 0
     started = time.perf_counter()
-    metrics, predictions = score_model(model, tokenizer, rows, label, shots, shot_rows, token_dir,
-                                       ev.perplexity_batches, ev.max_new_tokens, seed, reserve)
-    summary = " ".join(f"{k.split('/')[-2]}={v:.3f}" for k, v in metrics.items() if k.endswith("/accuracy"))
-    print(f"{label}: task accuracy {summary} ({time.perf_counter() - started:.0f}s)", flush=True)
+    metrics, predictions = {}, []
+    for shots in dict.fromkeys((0, ev.shots)):
+        scores, rows = evaluation.score_tasks(model, tokenizer, tasks, shots, reserve=reserve)
+        metrics.update(scores)
+        predictions += [{"model": label, **r} for r in rows]
+    if token_dir is not None:
+        windows = scoring.heldout_windows(token_dir, tokenizer, min(context_length(model), 512),
+                                          ev.perplexity_batches * PERPLEXITY_BATCH)
+        metrics["pretrain/perplexity"] = scoring.score_windows(model, windows, PERPLEXITY_BATCH,
+                                                               pad_token(tokenizer)).perplexity
+    shown = " ".join(f"{k.split('/')[1]}={v:.3f}" for k, v in metrics.items() if k.endswith("/accuracy"))
+    print(f"{label}: task accuracy {shown} ({time.perf_counter() - started:.0f}s)", flush=True)
     return metrics, predictions
 
 
-def _log(ctx: StepContext, outputs: dict[str, str], predictions: list[dict], method: str) -> None:
-    """Log the merged model (transformers flavor), the adapter and the predictions to the step's run."""
-    if ctx.run_id is None:
-        return
-    if predictions:
-        ctx.log_table(predictions, "task_predictions.json")
-    if "adapter" in outputs:
-        ctx.log_artifact(ctx.out_dir / outputs["adapter"], "adapter")
-    if "model" in outputs:
-        try:
-            from components.mlflow_models import log_transformers_model
-        except ImportError:  # older checkouts without the MLflow model helper
-            ctx.log_artifact(ctx.out_dir / outputs["model"], "model")
-        else:
-            log_transformers_model(ctx, ctx.out_dir / outputs["model"])
-    ctx.log_artifact(ctx.out_dir / "metrics.json")
-    ctx.set_tags({"llmcycle.peft_method": method})
+def gains(metrics: dict[str, float]) -> dict[str, float]:
+    """After minus before: `gain/tasks/...`, and the forgetting `forgetting/perplexity_delta` (positive: forgot)
+    and `forgetting/perplexity_ratio`."""
+    out = {f"gain/{k}": v - metrics[f"before/{k}"] for k, v in metrics.items()
+           if k.startswith("tasks/") and f"before/{k}" in metrics}
+    before, after = metrics.get("before/pretrain/perplexity"), metrics.get("pretrain/perplexity")
+    if before is not None and after is not None:
+        out["forgetting/perplexity_delta"] = after - before
+        out["forgetting/perplexity_ratio"] = after / before
+    return out

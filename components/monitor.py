@@ -11,24 +11,26 @@ plotted run after run; fails the step when a threshold is crossed (`on_drift: fa
 
 from __future__ import annotations
 
-import glob
+import itertools
 import json
-import math
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 
-from components.context import StepContext, StepOutput
+from components.lib import scoring
+from components.lib.context import StepContext, StepOutput
+from components.lib.corpus import iter_documents, text_documents
+from components.lib.io import expand, iter_jsonl
+from components.lib.models import load_model
+from components.lib.text import pad_token, start_token
+from schemas.data import CorpusSpec
 from schemas.steps.monitor import MonitorSpec
-from schemas.steps.tokenize import CorpusSpec
 
 JSON_TYPES = {str: "string", bool: "boolean", int: "integer", float: "number", list: "array", dict: "object",
               type(None): "null"}
 
 
 def run(spec: MonitorSpec, ctx: StepContext) -> StepOutput:
-    from components.registry import load_merged
 
     new_rows, new_texts = read_source(spec.data, ctx, spec.sample)
     ref_rows, ref_texts = read_source(spec.reference, ctx, spec.sample)
@@ -38,17 +40,18 @@ def run(spec: MonitorSpec, ctx: StepContext) -> StepOutput:
         raise ValueError(f"data: no row has a string '{spec.data.text_field}' field, so there is no text to "
                          f"compare\n" + "\n".join(schema["problems"]))
 
-    model, tokenizer = load_merged(ctx.model_source(spec.model))
-    new_ids, ref_ids = encode(tokenizer, new_texts), encode(tokenizer, ref_texts)
+    model, tokenizer = load_model(ctx.model_source(spec.model))
+    new_docs, ref_docs = scoring.document_ids(tokenizer, new_texts), scoring.document_ids(tokenizer, ref_texts)
+    new_ids, ref_ids = stream(new_docs), stream(ref_docs)
     unknown = unknown_ids(tokenizer)
     metrics = {"schema/rows": float(len(new_rows)), "schema/errors": float(schema["errors"]),
                "data/documents": float(len(new_texts)), "data/tokens": float(len(new_ids)),
                "drift/unknown_rate": float(np.isin(new_ids, unknown).mean()),
                "drift/reference_unknown_rate": float(np.isin(ref_ids, unknown).mean()),
                "drift/js_divergence": js_divergence(new_ids, ref_ids, len(tokenizer))}
-    ppl_new = perplexity(model, new_ids, spec.context, spec.windows)
+    ppl_new = perplexity(model, tokenizer, new_docs, spec.context, spec.windows)
     ppl_ref = (tagged_perplexity(spec, ctx) if spec.validation_perplexity
-               else perplexity(model, ref_ids, spec.context, spec.windows))
+               else perplexity(model, tokenizer, ref_docs, spec.context, spec.windows))
     metrics.update({"drift/perplexity": ppl_new, "drift/reference_perplexity": ppl_ref,
                     "drift/perplexity_ratio": ppl_new / ppl_ref})
 
@@ -69,38 +72,20 @@ def run(spec: MonitorSpec, ctx: StepContext) -> StepOutput:
 
 
 def read_source(source: CorpusSpec, ctx: StepContext, limit: int) -> tuple[list[tuple[str, int, dict]], list[str]]:
-    """Raw JSONL rows (file, line, row) for schema checks, and up to `limit` texts."""
-    if source.files is None:
-        from components.tokenize import iter_documents
-
-        texts = []
-        for text in iter_documents(source, ctx):
-            texts.append(text)
-            if len(texts) >= limit:
-                break
-        return [], texts
-    rows, texts = [], []
-    for pattern in source.files:
-        found = sorted(glob.glob(str(ctx.resolve_path(pattern)), recursive=True))
-        if not found:
-            raise FileNotFoundError(f"no file matches '{pattern}' (relative to {ctx.base_dir})")
-        for path in found:
-            if path.endswith(".jsonl"):
-                rows += _jsonl_rows(Path(path))
-            else:
-                from components.tokenize import _text_docs
-
-                texts += list(_text_docs(Path(path)))
+    """Raw JSONL rows (file, line, row) for the schema checks, and up to `limit` texts."""
+    if source.files is None or not any(p.endswith(".jsonl") for p in source.files):
+        return [], list(itertools.islice(iter_documents(source, ctx.resolve_path), limit))
+    rows: list[tuple[str, int, dict]] = []
+    texts: list[str] = []
+    for path in expand(source.files, ctx.resolve_path, "files"):
+        if path.suffix == ".jsonl":
+            rows += [(path.name, n, row if isinstance(row, dict) else {"__invalid__": error or "not an object"})
+                     for n, row, error in iter_jsonl(path)]
+        else:
+            texts += list(text_documents(path))
     rows = rows[:limit]
     texts += [r[source.text_field] for _, _, r in rows if isinstance(r.get(source.text_field), str)]
     return rows, texts[:limit]
-
-
-def _jsonl_rows(path: Path) -> list[tuple[str, int, dict]]:
-    from components.jsonl import iter_lines
-
-    return [(path.name, n, row if isinstance(row, dict) else {"__invalid__": error or "not an object"})
-            for n, row, error in iter_lines(path)]
 
 
 # -- schema ----------------------------------------------------------------------------------------
@@ -151,11 +136,9 @@ def check_schema(rows: list[tuple[str, int, dict]], expected: dict[str, str]) ->
 # -- tokens and the model --------------------------------------------------------------------------
 
 
-def encode(tokenizer, texts: list[str]) -> np.ndarray:
-    """Token ids of the texts, each followed by EOS, as one stream."""
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    ids = [i for ids in tokenizer(texts, add_special_tokens=False)["input_ids"] for i in ids + eos]
-    return np.asarray(ids, dtype=np.int64)
+def stream(docs: list[list[int]]) -> np.ndarray:
+    """The documents' tokens as one stream (for token counts and distributions)."""
+    return np.asarray([i for doc in docs for i in doc], dtype=np.int64)
 
 
 def _byte_chars() -> dict[str, int]:
@@ -190,25 +173,16 @@ def js_divergence(a: np.ndarray, b: np.ndarray, vocab: int) -> float:
     return float(jensenshannon(p / p.sum(), q / q.sum(), base=2) ** 2)
 
 
-def perplexity(model, ids: np.ndarray, context: int, windows: int) -> float:
-    """Perplexity over up to `windows` consecutive windows of `context` tokens (a shorter stream: one window)."""
-    import torch
-
-    size = min(context, len(ids))
-    n = min(windows, len(ids) // size)
-    # Evenly spaced windows, so a long stream is sampled end to end rather than by its first documents.
-    starts = np.linspace(0, len(ids) - size, n).astype(np.int64)
-    batch = torch.from_numpy(np.stack([ids[s:s + size] for s in starts]))
-    model.eval()
-    with torch.inference_mode():
-        losses = [float(model(input_ids=b, labels=b).loss) for b in batch.split(8)]
-        weights = [len(b) for b in batch.split(8)]
-    return math.exp(sum(l * w for l, w in zip(losses, weights)) / sum(weights))
+def perplexity(model, tokenizer, docs: list[list[int]], context: int, windows: int) -> float:
+    """Perplexity as `evaluate` measures it (components/lib/scoring.py), on `windows` of the documents' rolling
+    windows spread evenly over them, so a long stream is sampled end to end rather than by its first documents."""
+    chosen = scoring.spread(scoring.document_windows(docs, start_token(tokenizer), context), windows)
+    return scoring.score_windows(model, chosen, 8, pad_token(tokenizer)).perplexity
 
 
 def tagged_perplexity(spec: MonitorSpec, ctx: StepContext) -> float:
     """The registered version's own held-out perplexity, from its `metric.STEP.METRIC` tag (see `register`)."""
-    from components.registry import resolve_version
+    from components.lib.registry import resolve_version
 
     if not spec.model.startswith("models:/"):
         raise ValueError(f"validation_perplexity reads a registered version's tags; model '{spec.model}' is not "

@@ -11,7 +11,6 @@ Optional compute-optimal sizing follows Hoffmann et al. 2022 (components/sizing.
 from __future__ import annotations
 
 import json
-import math
 import warnings
 from pathlib import Path
 
@@ -19,11 +18,12 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from components import models
-from components.context import StepContext, StepOutput
-from components.data import TokenDataModule
-from components.training import count_parameters, fit, make_trainer, total_steps, world_size
-from schemas.base import OptimizerSpec, ScheduleSpec
+from components.lib import models, scoring
+from components.lib.context import StepContext, StepOutput
+from components.lib.text import pad_token
+from components.lib.tokens import TokenDataModule
+from components.lib.training import (configure_optimizer, count_parameters, fit, make_trainer, perf_metrics,
+                                     total_steps, world_size)
 from schemas.steps.pretrain import PretrainSpec
 
 MAX_INIT_CONTEXT = 512  # block length when continuing a model whose positions allow more
@@ -31,71 +31,57 @@ MAX_INIT_CONTEXT = 512  # block length when continuing a model whose positions a
 warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
 
 
-def make_collator(tokenizer, probability: float = 0.15, seed: int = 0):
-    """transformers' MLM collator with its own seeded generator (so masking never draws from the global RNG)."""
-    from transformers import DataCollatorForLanguageModeling
-
-    collator = DataCollatorForLanguageModeling(tokenizer, mlm=True, mlm_probability=probability)
-    collator.generator = torch.Generator().manual_seed(seed)
-    return collator
-
-
-def mask_tokens(collator, ids: torch.Tensor, special_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(inputs, labels) of BERT masking; special tokens (EOS between documents, pads) are never selected."""
-    special = torch.isin(ids, special_ids)
-    inputs, labels = collator.torch_mask_tokens(ids.detach().cpu().clone(), special_tokens_mask=special.cpu())
-    return inputs.to(ids.device), labels.to(ids.device)
-
-
 class LMModule(L.LightningModule):
-    """A transformers LM trained on token blocks; logs losses and perplexity, never touches MLflow."""
+    """A transformers LM trained on token blocks; validation scores held-out documents (`lib.scoring`)."""
 
-    def __init__(self, model: torch.nn.Module, optimizer: OptimizerSpec, schedule: ScheduleSpec, steps: int,
-                 objective: str = "causal", tokenizer=None, mlm_probability: float = 0.15, seed: int = 0):
+    def __init__(self, model: torch.nn.Module, objective: str = "causal", optimizer: dict | None = None,
+                 schedule: dict | None = None, total_steps: int = 100, mlm_probability: float = 0.15,
+                 seed: int = 0, pad_id: int = 0, tokenizer=None):
         super().__init__()
-        self.save_hyperparameters(ignore=["model", "optimizer", "schedule", "tokenizer"])
-        self.model, self.optimizer_spec, self.schedule_spec = model, optimizer, schedule
+        self.save_hyperparameters(ignore=["model", "tokenizer"])
+        self.model = model
         self.tokens_in_batch = 0
+        self.scores = scoring.Scores()
         if objective == "masked":
-            self.train_collator = make_collator(tokenizer, mlm_probability, seed)
-            self.val_collator = make_collator(tokenizer, mlm_probability, seed + 1)
+            self.train_collator = scoring.make_collator(tokenizer, mlm_probability, seed)
+            self.val_collator = scoring.make_collator(tokenizer, mlm_probability, seed + 1)
             self.register_buffer("special_ids", torch.tensor(sorted(tokenizer.all_special_ids)), persistent=False)
-
-    def _loss(self, batch: torch.Tensor, collator=None) -> torch.Tensor:
-        if self.hparams.objective == "masked":
-            inputs, labels = mask_tokens(collator, batch, self.special_ids)
-            return self.model(input_ids=inputs, labels=labels).loss
-        return self.model(input_ids=batch, labels=batch).loss
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         self.tokens_in_batch = batch.numel()
-        loss = self._loss(batch, getattr(self, "train_collator", None))
+        if self.hparams.objective == "masked":
+            inputs, labels = scoring.mask_tokens(self.train_collator, batch, self.special_ids)
+            loss = self.model(input_ids=inputs, labels=labels).loss
+        else:
+            loss = self.model(input_ids=batch, labels=batch).loss
         self.log("train/loss", loss, prog_bar=True)
-        self.log("lr", self.lr_schedulers().get_last_lr()[0])
+        self.log("train/lr", self.lr_schedulers().get_last_lr()[0])
         return loss
 
     def on_validation_epoch_start(self) -> None:
-        self._val_sum, self._val_n = 0.0, 0
+        self.scores = scoring.Scores()
         if self.hparams.objective == "masked":  # the same masks at every validation, so rounds compare
             self.val_collator.generator.manual_seed(self.hparams.seed + 1)
 
-    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
-        loss = self._loss(batch, getattr(self, "val_collator", None))
-        self._val_sum += float(loss) * batch.shape[0]
-        self._val_n += batch.shape[0]
+    def validation_step(self, batch, batch_idx: int) -> None:
+        if self.hparams.objective == "masked":
+            self.scores = self.scores + scoring.masked_batch_scores(self.model, self.val_collator, batch,
+                                                                    self.special_ids, self.hparams.pad_id)
+        else:
+            logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            self.scores = self.scores + scoring.batch_scores(logits, batch["labels"])
 
     def on_validation_epoch_end(self) -> None:
-        stats = torch.tensor([self._val_sum, float(self._val_n)], dtype=torch.float64, device=self.device)
-        stats = self.trainer.strategy.reduce(stats, reduce_op="sum") if self.trainer.world_size > 1 else stats
-        loss = float(stats[0] / max(float(stats[1]), 1.0))
-        self.log_dict({"val/loss": loss, "val/perplexity": math.exp(min(loss, 50.0))}, prog_bar=True,
-                      sync_dist=True)
+        s = self.scores
+        stats = torch.tensor([s.nll, float(s.count)], dtype=torch.float64, device=self.device)
+        if self.trainer.world_size > 1:  # each rank scored its share of the windows
+            stats = self.trainer.strategy.reduce(stats, reduce_op="sum")
+        self.scores = scoring.Scores(float(stats[0]), int(stats[1]))
+        self.log_dict({"val/loss": self.scores.loss, "val/perplexity": self.scores.perplexity}, prog_bar=True)
 
     def configure_optimizers(self):
-        from components.training import configure_optimizer
-
-        return configure_optimizer(self.model.named_parameters(), self.optimizer_spec, self.schedule_spec,
-                                   self.hparams.steps)
+        return configure_optimizer(self.model.named_parameters(), self.hparams.optimizer or {},
+                                   self.hparams.schedule or {}, self.hparams.total_steps)
 
 
 class CurveRecorder(Callback):
@@ -116,8 +102,7 @@ class CurveRecorder(Callback):
             self._write(trainer, {"step": trainer.global_step, "train/loss": float(loss)})
 
     def on_train_end(self, trainer, module) -> None:
-        end = {k: float(v) for k, v in trainer.callback_metrics.items()
-               if k in ("train/loss", "perf/tokens_per_s", "perf/flops_per_s")}
+        end = {k: float(v) for k, v in trainer.callback_metrics.items() if k == "train/loss"}
         self._write(trainer, {"step": trainer.global_step, "end": end})
 
     def on_validation_end(self, trainer, module) -> None:
@@ -149,12 +134,13 @@ def record(ctx: StepContext, path: Path, step: int, loss: float) -> None:
         return
     with open(path, "a") as fh:
         fh.write(json.dumps({"step": step, "val/loss": loss}) + "\n")
-    ctx.log_metrics({"val/loss": loss, "val/perplexity": math.exp(min(loss, 50.0))}, step=step)
+    ctx.log_metrics({"val/loss": loss, "val/perplexity": scoring.perplexity(loss, 1)}, step=step)
 
 
 @torch.no_grad()
-def validation_loss(module: LMModule, data: TokenDataModule, trainer: L.Trainer) -> float:
-    """Mean validation loss of the module's current weights, under the Trainer's precision."""
+def validation_scores(module: LMModule, data: TokenDataModule, trainer: L.Trainer) -> scoring.Scores:
+    """The module's current weights on the validation windows, under the Trainer's precision (in this process,
+    on every rank: each scores them all)."""
     data.setup("validate")
     was_training = module.training
     module.eval()
@@ -162,10 +148,12 @@ def validation_loss(module: LMModule, data: TokenDataModule, trainer: L.Trainer)
     try:
         with trainer.precision_plugin.val_step_context():
             for i, batch in enumerate(data.val_dataloader()):
-                module.validation_step(batch.to(module.device), i)
+                batch = batch.to(module.device) if torch.is_tensor(batch) else {k: v.to(module.device)
+                                                                                 for k, v in batch.items()}
+                module.validation_step(batch, i)
     finally:
         module.train(was_training)
-    return module._val_sum / max(module._val_n, 1)
+    return module.scores
 
 
 def plot_curve(curves: dict, path: Path, title: str) -> None:
@@ -173,7 +161,7 @@ def plot_curve(curves: dict, path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # noqa: E402
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for key, style in (("train/loss", "-"), ("val/loss", "o-")):
@@ -200,8 +188,7 @@ def build(spec: PretrainSpec, ctx: StepContext, tokenizer) -> tuple[torch.nn.Mod
               f"C={shape.flops:.3g} FLOPs", flush=True)
     if spec.model is not None:
         return models.build_model(spec.model, tokenizer, spec.objective), spec.model.context, spec
-    source = ctx.model_source(spec.init_from)
-    model = (models.load_masked_lm if spec.objective == "masked" else models.load_causal_lm)(source)
+    model, _ = models.load_model(ctx.model_source(spec.init_from), spec.objective)
     if model.get_input_embeddings().num_embeddings < len(tokenizer):
         raise ValueError(f"init_from model has {model.get_input_embeddings().num_embeddings} embeddings but "
                          f"tokenizer '{spec.tokenizer}' has {len(tokenizer)} tokens; use the model's own tokenizer")
@@ -212,48 +199,46 @@ def run(spec: PretrainSpec, ctx: StepContext) -> StepOutput:
     """Build or load the model, train it on the token blocks, save and log it."""
     L.seed_everything(ctx.seed, workers=True, verbose=False)
     upstream = ctx.step(spec.tokenizer)
-    tokenizer = models.load_tokenizer(str(upstream.path("tokenizer")))
+    tokenizer = models.load_tokenizer(upstream.path("tokenizer"))
     model, context, spec = build(spec, ctx, tokenizer)
     params, _ = count_parameters(model)
     embedding = model.get_input_embeddings().weight.numel()
     data = TokenDataModule(str(upstream.path("tokens")), context=context, batch_size=spec.batch_size,
-                           val_batches=spec.val_batches, seed=ctx.seed)
+                           val_batches=spec.val_batches, seed=ctx.seed, objective=spec.objective, tokenizer=tokenizer)
     world = world_size()
-    steps = total_steps(spec, spec.batch_size * spec.accumulate * context * world)
-    module = LMModule(model, spec.optimizer, spec.schedule, steps, spec.objective, tokenizer,
-                      spec.mlm_probability, ctx.seed)
+    steps = total_steps(spec.loop(), spec.batch_size * spec.accumulate * context * world)
+    module = LMModule(model, spec.objective, spec.optimizer.model_dump(), spec.schedule.model_dump(), steps,
+                      spec.mlm_probability, ctx.seed, pad_token(tokenizer), tokenizer)
     curve_path = ctx.ckpt_dir / "curve.jsonl"
     ctx.ckpt_dir.mkdir(parents=True, exist_ok=True)
-    trainer = make_trainer(ctx, spec, steps, params=params, callbacks=[CurveRecorder(curve_path)])
-    initial = validation_loss(module, data, trainer)
-    record(ctx, curve_path, 0, initial)
+    trainer = make_trainer(ctx, spec.loop(), steps, params=params, callbacks=[CurveRecorder(curve_path)])
+    before = validation_scores(module, data, trainer)
+    record(ctx, curve_path, 0, before.loss)
     fit(trainer, module, datamodule=data, ctx=ctx)
     curves, end = read_curve(curve_path)
     done = int(end.get("step", trainer.global_step))
     if not curves["val/loss"] or curves["val/loss"][-1][0] != done:
-        record(ctx, curve_path, done, validation_loss(module, data, trainer))
+        record(ctx, curve_path, done, validation_scores(module, data, trainer).loss)
         curves, _ = read_curve(curve_path)
     final = curves["val/loss"][-1][1]
 
-    folder = ctx.out_dir / "model"
-    module.model.save_pretrained(folder, safe_serialization=True)
-    tokenizer.save_pretrained(folder)
+    folder = models.save_pretrained(module.model, tokenizer, ctx.out_dir / "model")
     plot_curve(curves, ctx.out_dir / "loss_curve.png", f"{ctx.name}: {spec.objective} LM, {params:,} params")
     (ctx.out_dir / "curve.json").write_text(json.dumps(curves))
     ctx.log_artifact(ctx.out_dir / "loss_curve.png")
     uri = ""
     if spec.log_model:
-        from components.mlflow_models import log_transformers_model
+        from components.lib.mlflow_models import log_transformers_model
 
         uri = log_transformers_model(ctx, folder, task="fill-mask" if spec.objective == "masked" else "text-generation")
-    tokens_seen = done * spec.batch_size * spec.accumulate * context * world
-    metrics = {"val/loss": final, "val/perplexity": math.exp(min(final, 50.0)),
-               "val/loss_initial": float(initial), "val/perplexity_initial": math.exp(min(float(initial), 50.0)),
-               "params": params, "params/non_embedding": params - embedding, "tokens_seen": tokens_seen,
-               "steps": done, "flops": 6.0 * params * tokens_seen}
-    metrics.update({k: v for k, v in end.items() if k != "step"})
-    print(f"{ctx.name}: val perplexity {metrics['val/perplexity_initial']:.1f} -> {metrics['val/perplexity']:.2f} "
-          f"after {done} steps ({tokens_seen:,} tokens)", flush=True)
+    tokens = done * spec.batch_size * spec.accumulate * context * world
+    metrics = {"val/loss": final, "val/perplexity": scoring.perplexity(final, 1),
+               "before/val/loss": before.loss, "before/val/perplexity": before.perplexity,
+               "train/loss": end.get("train/loss", float("nan")), "train/steps": done, "train/tokens": tokens,
+               "train/flops": 6.0 * params * tokens, "params/total": params,
+               "params/non_embedding": params - embedding, **perf_metrics(trainer)}
+    print(f"{ctx.name}: val perplexity {before.perplexity:.1f} -> {metrics['val/perplexity']:.2f} "
+          f"after {done} steps ({tokens:,} tokens)", flush=True)
     return StepOutput(outputs={"model": "model", "tokenizer": "model"}, metrics=metrics,
                       info={"objective": spec.objective, "context": context, "model_uri": uri,
                             "curve": curves["val/loss"]})

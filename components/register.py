@@ -10,10 +10,10 @@ and, with `beat_champion`, the model beats the version holding the alias now.
 from __future__ import annotations
 
 import operator
-import subprocess
 from dataclasses import dataclass
 
-from components.context import StepContext, StepOutput
+from components.lib.context import StepContext, StepOutput
+from components.lib.mlflow_models import git_commit, pip_requirements
 from schemas.steps.register import Condition, Operand, RegisterSpec, parse_operand
 
 CANDIDATE = "candidate"
@@ -131,9 +131,9 @@ def log_and_register(spec: RegisterSpec, ctx: StepContext, client):
     from mlflow.exceptions import MlflowException
     from mlflow.models import infer_signature
 
-    from components.registry import load_merged
+    from components.lib.models import load_model
 
-    model, tokenizer = load_merged(ctx.model_source(spec.model))
+    model, tokenizer = load_model(ctx.model_source(spec.model))
     run_id = ctx.run_id or _own_run(ctx, client)
     signature = infer_signature(["a prompt"], ["a completion"], params=SERVING_PARAMS)
     with tempfile.TemporaryDirectory(dir=ctx.out_dir) as tmp:
@@ -153,19 +153,6 @@ def log_and_register(spec: RegisterSpec, ctx: StepContext, client):
     return version
 
 
-def pip_requirements() -> list[str]:
-    """Pinned explicitly: MLflow's inference probes every installed package (and trips on missing torchvision)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    pins = []
-    for name in ("torch", "transformers", "tokenizers", "safetensors", "accelerate"):
-        try:
-            pins.append(f"{name}=={version(name).split('+')[0]}")
-        except PackageNotFoundError:
-            pins.append(name)
-    return pins
-
-
 def _own_run(ctx: StepContext, client) -> str:
     """A run to log into when the step is called outside the engine (which normally provides one)."""
     found = client.get_experiment_by_name(ctx.pipeline_name)
@@ -174,12 +161,7 @@ def _own_run(ctx: StepContext, client) -> str:
 
 
 def _provenance(ctx: StepContext) -> dict[str, str]:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ctx.base_dir, capture_output=True, text=True,
-                             timeout=5)
-        commit = out.stdout.strip() if out.returncode == 0 else ""
-    except (OSError, subprocess.SubprocessError):
-        commit = ""
+    commit = git_commit(ctx.base_dir)
     tags = {"llmcycle.spec": ctx.pipeline_name, "llmcycle.step": ctx.name, "llmcycle.fingerprint": ctx.fingerprint}
     if ctx.run_id:
         tags["llmcycle.run_id"] = ctx.run_id

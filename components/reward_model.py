@@ -8,7 +8,6 @@ rewards). Metrics: held-out pairwise accuracy, mean margin, reward mean/std.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -17,16 +16,14 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from components.context import StepContext, StepOutput, write_json_atomic
-from components.training import configure_optimizer, count_parameters, fit, make_trainer, total_steps
-from schemas.base import OptimizerSpec, ScheduleSpec
+from components.lib.context import StepContext, StepOutput
+from components.lib.io import write_json_atomic
+from components.lib.models import save_pretrained
+from components.lib.preferences import collate_pairs, encode_pairs, load_preferences
+from components.lib.rewards import STATS_FILE, load_reward_model, sequence_rewards
+from components.lib.training import configure_optimizer, count_parameters, fit, make_trainer, perf_metrics, total_steps
 from schemas.peft import PeftSpec
 from schemas.steps.reward_model import RewardModelSpec
-
-STATS_FILE = "reward_stats.json"
-
-
-# -- the loss and the pooling ----------------------------------------------------------------------
 
 
 def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, p: torch.Tensor | None = None,
@@ -42,92 +39,11 @@ def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, p: torc
     return loss
 
 
-def pooled_index(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Index of each row's last attended token, for left or right padding."""
-    width = attention_mask.shape[1]
-    positions = torch.arange(width, device=attention_mask.device)
-    return (positions * attention_mask.long()).argmax(1)
-
-
-def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions counted over attended tokens only, so left padding does not shift them."""
-    return (attention_mask.long().cumsum(1) - 1).clamp(min=0)
-
-
-def token_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """The score head applied at every position: (batch, length). Used as reward and as critic values."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    backbone = getattr(inner, inner.base_model_prefix)
-    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask,
-                      position_ids=position_ids(attention_mask)).last_hidden_state
-    return inner.score(hidden).squeeze(-1).float()
-
-
-def sequence_rewards(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """One reward per sequence, read at its last attended token."""
-    scores = token_scores(model, input_ids, attention_mask)
-    return scores.gather(1, pooled_index(attention_mask)[:, None]).squeeze(1)
-
-
-# -- model and data -------------------------------------------------------------------------------
-
-
-def load_reward_model(source: str, seed: int = 0):
-    """(model, tokenizer): a one-output classification head on `source`, with a pad distinct from EOS."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-    from trl.trainer.utils import disable_dropout_in_model
-
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # "score weights newly initialized" is expected here
-    try:
-        model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=1)
-    finally:
-        hf_logging.set_verbosity(verbosity)
-    if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
-        # With pad == EOS the final EOS would count as padding and the reward would be read too early.
-        tokenizer.add_special_tokens({"pad_token": "<pad>"})
-        model.resize_token_embeddings(len(tokenizer))
-    model.config.pad_token_id = tokenizer.pad_token_id
-    if not (Path(source) / STATS_FILE).is_file():  # a fresh head: N(0, 1/√(d+1)) as in Huang et al. 2024
-        gen = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            w = model.score.weight
-            w.copy_(torch.randn(w.shape, generator=gen) / math.sqrt(w.shape[1] + 1))
-    disable_dropout_in_model(model)
-    return model, tokenizer
-
-
-def encode_pair(tokenizer, row: dict, max_length: int) -> dict:
-    """Token ids of prompt+chosen and prompt+rejected, each ending in EOS; the prompt is cut from the left."""
-    prompt = tokenizer(row["prompt"])["input_ids"] if row["prompt"] else []
-    out = {"score": row.get("score", 1.0)}
-    for key in ("chosen", "rejected"):
-        response = tokenizer(row[key], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        response = response[:max_length]
-        out[key] = prompt[max(0, len(prompt) - (max_length - len(response))):] + response
-    return out
-
-
-def collate_pairs(rows: list[dict], pad_id: int) -> dict:
-    """Right-pad chosen then rejected sequences into one (2B, L) batch."""
-    from trl.trainer.utils import pad
-
-    seqs = [torch.tensor(r["chosen"]) for r in rows] + [torch.tensor(r["rejected"]) for r in rows]
-    ids = pad(seqs, padding_value=pad_id)
-    mask = pad([torch.ones_like(s) for s in seqs], padding_value=0)
-    return {"input_ids": ids, "attention_mask": mask, "score": torch.tensor([r["score"] for r in rows])}
-
-
-# -- Lightning module -----------------------------------------------------------------------------
-
-
 class RewardModule(L.LightningModule):
     """Pairwise reward-model training: one forward over chosen and rejected together."""
 
-    def __init__(self, model, optimizer: OptimizerSpec = OptimizerSpec(), schedule: ScheduleSpec = ScheduleSpec(),
-                 steps: int = 100, margin: float = 0.0, center_coef: float = 0.0, soft_labels: bool = True):
+    def __init__(self, model, optimizer: dict | None = None, schedule: dict | None = None, total_steps: int = 100,
+                 margin: float = 0.0, center_coef: float = 0.0, soft_labels: bool = True):
         super().__init__()
         self.save_hyperparameters(ignore=["model"])
         self.model = model
@@ -152,39 +68,37 @@ class RewardModule(L.LightningModule):
                        "val/margin": (r_c - r_r).mean()}, batch_size=len(r_c))
 
     def configure_optimizers(self):
-        return configure_optimizer(self.model.named_parameters(), self.hparams.optimizer, self.hparams.schedule,
-                                   self.hparams.steps)
+        return configure_optimizer(self.model.named_parameters(), self.hparams.optimizer or {},
+                                   self.hparams.schedule or {}, self.hparams.total_steps)
 
 
 @torch.no_grad()
 def evaluate_pairs(model, loader) -> dict[str, float]:
-    """Held-out accuracy (ties count as wrong), mean margin, reward mean/std, mean reward of chosen responses."""
+    """On held-out pairs: accuracy (ties count as wrong), mean margin, loss; rewards' mean and std, and the mean
+    reward of the chosen replies (what `ppo` subtracts to centre its rewards)."""
+    was = model.training
     model.eval()
     chosen, rejected = [], []
     for batch in loader:
-        r = sequence_rewards(model, batch["input_ids"], batch["attention_mask"])
-        r_c, r_r = r.chunk(2)
+        r_c, r_r = sequence_rewards(model, batch["input_ids"], batch["attention_mask"]).chunk(2)
         chosen.append(r_c)
         rejected.append(r_r)
+    model.train(was)
     r_c, r_r = torch.cat(chosen), torch.cat(rejected)
     both = torch.cat([r_c, r_r])
-    return {"eval/accuracy": float((r_c > r_r).float().mean()), "eval/margin": float((r_c - r_r).mean()),
-            "reward/mean": float(both.mean()), "reward/std": float(both.std()),
-            "reward/reference_mean": float(r_c.mean()), "eval/loss": float(bradley_terry_loss(r_c, r_r))}
-
-
-# -- the step -------------------------------------------------------------------------------------
+    return {"val/accuracy": float((r_c > r_r).float().mean()), "val/margin": float((r_c - r_r).mean()),
+            "val/loss": float(bradley_terry_loss(r_c, r_r)), "reward/mean": float(both.mean()),
+            "reward/std": float(both.std()), "reward/reference_mean": float(r_c.mean())}
 
 
 def run(spec: RewardModelSpec, ctx: StepContext) -> StepOutput:
-    """Load pairs and model, train with Lightning, measure on held-out pairs, save and log."""
-    from components.preferences import load_preferences
-
+    """Load pairs and model, train with Lightning, measure on held-out pairs before and after, save and log."""
     L.seed_everything(ctx.seed, workers=True, verbose=False)
     model, tokenizer = load_reward_model(ctx.model_source(spec.model), ctx.seed)
-    train_rows, eval_rows = load_preferences(spec.data, ctx, tokenizer)
-    train = [encode_pair(tokenizer, r, spec.data.max_length) for r in train_rows]
-    held = [encode_pair(tokenizer, r, spec.data.max_length) for r in eval_rows]
+    data = spec.data
+    train_rows, eval_rows = load_preferences(data, ctx.seed, ctx.resolve_path,
+                                             ctx.step(data.step).path("data") if data.step else None, tokenizer)
+    train, held = encode_pairs(train_rows, tokenizer, data.max_length), encode_pairs(eval_rows, tokenizer, data.max_length)
     collate = lambda rows: collate_pairs(rows, tokenizer.pad_token_id)  # noqa: E731
     gen = torch.Generator().manual_seed(ctx.seed)
     train_loader = DataLoader(train, batch_size=spec.batch_size, shuffle=True, generator=gen, collate_fn=collate)
@@ -192,28 +106,33 @@ def run(spec: RewardModelSpec, ctx: StepContext) -> StepOutput:
 
     model = _apply_peft(model, spec.peft)
     per_step = spec.batch_size * spec.accumulate
-    tokens_per_step = per_step * 2 * sum(len(r["chosen"]) + len(r["rejected"]) for r in train) // (2 * len(train))
-    steps = total_steps(spec, tokens_per_step) if spec.epochs is None and (spec.max_steps or spec.max_tokens) \
+    tokens_per_step = per_step * sum(len(r["chosen"][0]) + len(r["rejected"][0]) for r in train) // max(1, len(train))
+    steps = total_steps(spec.loop(), tokens_per_step) if spec.epochs is None and (spec.max_steps or spec.max_tokens) \
         else max(1, math.ceil((spec.epochs or 1.0) * len(train) / per_step))
-    module = RewardModule(model, spec.optimizer, spec.schedule, steps, spec.margin, spec.center_coef,
-                          spec.soft_labels)
-    initial = evaluate_pairs(model, eval_loader)
-    trainer = make_trainer(ctx, spec, steps, params=count_parameters(model)[0])
+    module = RewardModule(model, spec.optimizer.model_dump(), spec.schedule.model_dump(), steps, spec.margin,
+                          spec.center_coef, spec.soft_labels)
+    before = evaluate_pairs(model, eval_loader)
+    trainable, total = count_parameters(model)
+    trainer = make_trainer(ctx, spec.loop(), steps, params=trainable)
     fit(trainer, module, ctx=ctx, train_dataloaders=train_loader, val_dataloaders=eval_loader)
 
-    metrics = evaluate_pairs(model, eval_loader)
-    metrics["eval/initial_accuracy"] = initial["eval/accuracy"]
-    metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("train/", "perf/"))})
+    after = evaluate_pairs(model, eval_loader)
+    ctx.log_metrics({k: v for k, v in after.items() if k.startswith("val/")}, step=trainer.global_step)
+    metrics = {**after, **{f"before/{k}": v for k, v in before.items() if k.startswith("val/")},
+               **{k: float(v) for k, v in trainer.callback_metrics.items() if k in ("train/loss", "train/accuracy")},
+               "train/steps": trainer.global_step, "params/trainable": trainable, "params/total": total,
+               "data/train_pairs": len(train), "data/eval_pairs": len(held), **perf_metrics(trainer)}
     folder = save_reward_model(model, tokenizer, ctx.out_dir / "model", metrics)
     _log(ctx, folder, eval_rows, model, eval_loader)
-    return StepOutput(outputs={"model": "model", "reward_model": "model", "tokenizer": "model"},
-                      metrics=metrics, info={"reference_mean": metrics["reward/reference_mean"],
-                                             "reward_std": metrics["reward/std"]})
+    print(f"{ctx.name}: held-out pairwise accuracy {before['val/accuracy']:.3f} -> {after['val/accuracy']:.3f}",
+          flush=True)
+    return StepOutput(outputs={"reward_model": "model", "tokenizer": "model"}, metrics=metrics,
+                      info={"reference_mean": metrics["reward/reference_mean"], "reward_std": metrics["reward/std"]})
 
 
 def _apply_peft(model, spec: PeftSpec):
     """LoRA with the score head trained in full (peft's SEQ_CLS task), or full/bitfit training."""
-    from components.peft_methods import apply_peft, peft_config
+    from components.lib.peft import apply_peft, peft_config
 
     if spec.method != "lora":
         model = apply_peft(model, spec)
@@ -230,17 +149,10 @@ def save_reward_model(model, tokenizer, folder: Path, metrics: dict) -> Path:
     """Save a plain transformers folder (LoRA merged), its tokenizer and the reward statistics."""
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    save_pretrained(model, tokenizer, folder)
     write_json_atomic(folder / STATS_FILE, {"reference_mean": metrics["reward/reference_mean"],
                                             "reward_std": metrics["reward/std"]})
     return folder
-
-
-def read_reward_stats(folder: str | Path) -> dict:
-    """The statistics a reward_model step saved beside its weights ({} for foreign folders)."""
-    path = Path(folder) / STATS_FILE
-    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def _log(ctx: StepContext, folder: Path, rows: list[dict], model, loader) -> None:

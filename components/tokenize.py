@@ -9,85 +9,21 @@ Algorithms: byte-level BPE (Sennrich et al. 2016; GPT-2), Unigram (Kudo 2018), W
 
 from __future__ import annotations
 
-import glob
 import hashlib
-import json
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
-from components.context import StepContext, StepOutput, write_json_atomic
-from schemas.steps.tokenize import CorpusSpec, TokenizeSpec
+from components.lib.context import StepContext, StepOutput
+from components.lib.corpus import iter_documents
+from components.lib.io import write_json_atomic
+from components.lib.models import save_tokenizer
+from schemas.steps.tokenize import TokenizeSpec
 
-SPECIALS = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>",
-            "mask_token": "<mask>"}
+# `</s>` ends every document and is also the BOS: the token training reads before each document, so the
+# start of a text is what the model saw there (components/lib/text.py: the convention).
+SPECIALS = {"eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>", "mask_token": "<mask>"}
 ENCODE_BATCH = 512  # documents per encode_batch call: enough for the Rust side to use every core
-
-
-def iter_documents(corpus: CorpusSpec, ctx: StepContext) -> Iterator[str]:
-    """Yield the corpus one document at a time, never holding it whole."""
-    if corpus.builtin == "pydoc":
-        from pydoc_data.topics import topics
-
-        for key in sorted(topics):
-            yield topics[key]
-    elif corpus.files is not None:
-        paths = []
-        for pattern in corpus.files:
-            found = sorted(glob.glob(str(ctx.resolve_path(pattern)), recursive=True))
-            if not found:
-                raise FileNotFoundError(f"corpus.files: no file matches '{pattern}' (relative to {ctx.base_dir})")
-            paths += found
-        for path in paths:
-            yield from (_jsonl_docs(Path(path), corpus.text_field) if path.endswith(".jsonl")
-                        else _text_docs(Path(path)))
-    else:
-        yield from _dataset_docs(corpus.dataset, ctx)
-
-
-def _dataset_docs(src, ctx: StepContext) -> Iterator[str]:
-    """Rows of a `datasets` source; local paths and data_files are relative to the spec, like every path."""
-    import datasets
-
-    local = ctx.resolve_path(src.path)
-    if (local / "state.json").is_file() or (local / "dataset_dict.json").is_file():  # a save_to_disk folder
-        ds = datasets.load_from_disk(str(local))  # memory-mapped Arrow, not read into memory
-        ds = ds[src.split] if isinstance(ds, datasets.DatasetDict) else ds
-    else:
-        files = [str(ctx.resolve_path(f)) for f in src.data_files] if src.data_files else None
-        ds = datasets.load_dataset(str(local) if local.exists() else src.path, src.name, split=src.split,
-                                   data_files=files, streaming=True)
-    for n, row in enumerate(ds):
-        if src.text_field not in row:
-            raise KeyError(f"corpus.dataset: row {n} has no '{src.text_field}' column (set "
-                           f"corpus.dataset.text_field); columns: {', '.join(row)}")
-        yield str(row[src.text_field])
-
-
-def _text_docs(path: Path) -> Iterator[str]:
-    """Documents of a .txt file are blocks separated by blank lines."""
-    block: list[str] = []
-    with open(path, encoding="utf-8", errors="replace") as fh:
-        for line in fh:
-            if line.strip():
-                block.append(line)
-            elif block:
-                yield "".join(block)
-                block = []
-    if block:
-        yield "".join(block)
-
-
-def _jsonl_docs(path: Path, field: str) -> Iterator[str]:
-    with open(path, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if line.strip():
-                row = json.loads(line)
-                if field not in row:
-                    raise KeyError(f"{path}:{n}: row has no '{field}' field (set corpus.text_field); "
-                                   f"fields: {', '.join(row)}")
-                yield str(row[field])
 
 
 def is_validation(index: int, seed: int, fraction: float) -> bool:
@@ -100,7 +36,7 @@ def build_tokenizer(spec: TokenizeSpec):
     """An untrained `tokenizers` pipeline and its trainer for the chosen algorithm."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-    specials = list(SPECIALS.values())
+    specials = list(dict.fromkeys(SPECIALS.values()))
     if spec.algorithm == "bpe":
         tok = Tokenizer(models.BPE(unk_token=None, byte_fallback=False))
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -131,11 +67,12 @@ def train_tokenizer(spec: TokenizeSpec, ctx: StepContext, folder: Path):
     from transformers import PreTrainedTokenizerFast
 
     tok, trainer = build_tokenizer(spec)
-    docs = (d for i, d in enumerate(iter_documents(spec.corpus, ctx))
+    docs = (d for i, d in enumerate(iter_documents(spec.corpus, ctx.resolve_path))
             if not is_validation(i, ctx.seed, spec.val_fraction))
     tok.train_from_iterator(docs, trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIALS, clean_up_tokenization_spaces=False)
-    fast.save_pretrained(folder)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=SPECIALS["eos_token"], **SPECIALS,
+                                   clean_up_tokenization_spaces=False)
+    save_tokenizer(fast, folder)
     return fast
 
 
@@ -149,7 +86,7 @@ def encode_corpus(tokenizer, spec: TokenizeSpec, ctx: StepContext, folder: Path)
     files = {split: open(folder / f"{split}.bin", "wb") for split in stats}
     try:
         pending: dict[str, list[str]] = {"train": [], "val": []}
-        for i, doc in enumerate(iter_documents(spec.corpus, ctx)):
+        for i, doc in enumerate(iter_documents(spec.corpus, ctx.resolve_path)):
             split = "val" if is_validation(i, ctx.seed, spec.val_fraction) else "train"
             pending[split].append(doc)
             if len(pending[split]) >= ENCODE_BATCH:
@@ -188,15 +125,15 @@ def run(spec: TokenizeSpec, ctx: StepContext) -> StepOutput:
     if train["tokens"] == 0:
         raise ValueError("corpus has no training documents; check corpus and val_fraction")
     metrics = {
-        "vocab_size": meta["vocab_size"],
+        "data/vocab_size": meta["vocab_size"],
         "train/documents": train["documents"], "val/documents": val["documents"],
         "train/tokens": train["tokens"], "val/tokens": val["tokens"],
-        "chars_per_token": train["characters"] / max(train["tokens"], 1),
+        "data/chars_per_token": train["characters"] / max(train["tokens"], 1),
     }
     ctx.log_metrics(metrics)
     ctx.log_artifact(ctx.out_dir / "tokenizer", "tokenizer")
     print(f"{ctx.name}: {meta['vocab_size']} tokens in the vocabulary; train {train['tokens']:,} tokens "
           f"({train['documents']} docs), val {val['tokens']:,} tokens ({val['documents']} docs); "
-          f"{metrics['chars_per_token']:.2f} characters per token")
+          f"{metrics['data/chars_per_token']:.2f} characters per token")
     return StepOutput(outputs={"tokenizer": "tokenizer", "tokens": "tokens"}, metrics=metrics,
                       info={"dtype": meta["dtype"], "vocab_size": meta["vocab_size"]})

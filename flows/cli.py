@@ -102,6 +102,18 @@ def _print_summary(loaded, results: dict[str, dict]) -> None:
     print(f"MLflow: {tracking_uri(loaded)}   browse: llmcycle ui {loaded.path}")
 
 
+def cmd_metrics(args: argparse.Namespace) -> int:
+    from schemas.metrics import METRICS, table
+
+    if args.kind and args.kind not in METRICS:
+        from flows.plan import UsageError
+        from schemas.errors import did_you_mean
+
+        raise UsageError(f"no step kind '{args.kind}'{did_you_mean(args.kind, METRICS)}; kinds: {', '.join(METRICS)}")
+    print(table(args.kind))
+    return 0
+
+
 def cmd_ui(args: argparse.Namespace) -> int:
     from flows.tracking import artifact_root, tracking_uri
 
@@ -153,6 +165,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="run it even if its output is complete")
     p.set_defaults(func=cmd_step)
 
+    p = sub.add_parser("metrics", help="list every metric each step kind reports (the README's table)")
+    p.add_argument("kind", nargs="?", help="one step kind (default: all)")
+    p.set_defaults(func=cmd_metrics)
+
     p = sub.add_parser("schema", help="print the JSON Schema of specs")
     p.set_defaults(func=cmd_schema)
 
@@ -162,21 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=5000)
     p.set_defaults(func=cmd_ui)
 
-    for extra in _extra_commands():
-        extra(sub)
+    from flows import lifecycle_cli  # models, generate, serve
+
+    lifecycle_cli.register(sub)
     return parser
-
-
-def _extra_commands():
-    """Commands contributed by other modules (models, generate, serve) register through these hooks."""
-    hooks = []
-    try:
-        from flows import lifecycle_cli
-
-        hooks.append(lifecycle_cli.register)
-    except ImportError:
-        pass
-    return hooks
 
 
 def main(argv: list[str] | None = None) -> int:

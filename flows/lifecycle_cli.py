@@ -8,6 +8,8 @@ import os
 import sys
 from pathlib import Path
 
+from flows.plan import UsageError
+
 DEFAULT_SPEC = "specs/quickstart.yaml"
 KEY_METRICS = 4  # metric tags shown per version by `llmcycle models`
 
@@ -43,15 +45,18 @@ def register(sub) -> None:
 
 
 def _friendly(command):
-    """Print a mistake (unknown model, step not run yet) as one line and exit 2, not as a traceback."""
+    """Print what went wrong (an unknown model, a step not run yet) as one line, not a traceback: exit status 2
+    for a mistake on the command line (UsageError), 1 for anything that failed."""
     def wrapped(args) -> int:
         from mlflow.exceptions import MlflowException
 
         try:
             return command(args)
+        except UsageError:
+            raise  # main() prints it and exits 2
         except (ValueError, FileNotFoundError, MlflowException) as err:
             print(f"llmcycle: {err}", file=sys.stderr)
-            return 2
+            return 1
 
     return wrapped
 
@@ -78,7 +83,7 @@ def store_uri(args) -> str:
         return os.environ["MLFLOW_TRACKING_URI"]
     loaded = _loaded(args)
     if loaded is None:
-        raise ValueError("no tracking store: give --spec SPEC or --tracking-uri URI (or set MLFLOW_TRACKING_URI)")
+        raise UsageError("no tracking store: give --spec SPEC or --tracking-uri URI (or set MLFLOW_TRACKING_URI)")
     return tracking_uri(loaded)
 
 
@@ -114,7 +119,7 @@ def model_folder(ref: str, args) -> str:
     from schemas.base import is_external
 
     if ref.startswith("models:/"):
-        from components.registry import download_registered
+        from components.lib.registry import download_registered
 
         loaded = _loaded(args)
         cache = (loaded.workdir if loaded else Path.home() / ".cache" / "llmcycle") / ".models"
@@ -129,21 +134,21 @@ def model_folder(ref: str, args) -> str:
     for key in ("model", "adapter"):
         if key in result.outputs:
             return str(result.path(key))
-    raise ValueError(f"step '{ref}' ({result.kind}) has no model output; it has: {', '.join(result.outputs) or 'none'}")
+    raise UsageError(f"step '{ref}' ({result.kind}) has no model output; it has: {', '.join(result.outputs) or 'none'}")
 
 
 def step_result(name: str, args):
     """The completed result of step `name` of --spec, with a clear error when it has not run."""
-    from components.context import StepResult
+    from components.lib.context import StepResult
     from flows.plan import make_plan
     from schemas.errors import did_you_mean
 
     loaded = _loaded(args)
     if loaded is None:
-        raise ValueError(f"'{name}' is not a path, hf:ID or models:/ URI; to use a step, give --spec SPEC")
+        raise UsageError(f"'{name}' is not a path, hf:ID or models:/ URI; to use a step, give --spec SPEC")
     plan = {p.name: p for p in make_plan(loaded)}
     if name not in plan:
-        raise ValueError(f"{loaded.path} has no step '{name}'{did_you_mean(name, plan)}; steps: {', '.join(plan)}")
+        raise UsageError(f"{loaded.path} has no step '{name}'{did_you_mean(name, plan)}; steps: {', '.join(plan)}")
     if not plan[name].cached:
         raise ValueError(f"step '{name}' has no complete output for the current spec; run "
                          f"`llmcycle run {args.spec or DEFAULT_SPEC} --only {name}` first")
@@ -151,10 +156,11 @@ def step_result(name: str, args):
 
 
 def cmd_generate(args) -> int:
-    from components.generation import generate_texts
-    from components.optimize import load_any
+    from components.lib.generation import generate_texts
+    from components.lib.models import load_model
 
-    model, tokenizer = load_any(model_folder(args.model, args))
+    model, tokenizer = load_model(model_folder(args.model, args))
+    model.eval()
     texts = generate_texts(model, tokenizer, args.prompt, strategy=args.strategy,
                            max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                            top_p=args.top_p, num_beams=args.num_beams, length_penalty=args.length_penalty,
@@ -170,16 +176,16 @@ def serve_command(ref: str, args) -> tuple[list[str], dict[str, str]]:
 
     if not ref.startswith(("models:/", "runs:/")):
         if is_external(ref) or Path(ref).exists():
-            raise ValueError(f"serve takes a registered model (models:/NAME@ALIAS or models:/NAME/VERSION) or a "
+            raise UsageError(f"serve takes a registered model (models:/NAME@ALIAS or models:/NAME/VERSION) or a "
                              f"register step of --spec, got '{ref}'; try `llmcycle generate {ref}` for a folder")
         result = step_result(ref, args)
         if "model_uri" not in result.info:
-            raise ValueError(f"serve takes a registered model (models:/NAME@ALIAS); step '{ref}' ({result.kind}) "
+            raise UsageError(f"serve takes a registered model (models:/NAME@ALIAS); step '{ref}' ({result.kind}) "
                              "registered none. Add a `register` step, or use `llmcycle generate` for local folders")
         ref = result.info["model_uri"]
     uri = store_uri(args)
     if ref.startswith("models:/"):
-        from components.registry import resolve_version
+        from components.lib.registry import resolve_version
 
         resolve_version(ref, uri)  # fail here, readably, rather than inside the server
     # The scoring server execs `uvicorn` by name: find it beside this interpreter even in an unactivated venv.

@@ -17,7 +17,7 @@ from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 
 import schemas  # noqa: E402
-from components.context import StepResult  # noqa: E402
+from components.lib.context import StepResult  # noqa: E402
 from flows import launch, tracking  # noqa: E402
 from flows.plan import PlannedStep, make_plan  # noqa: E402
 from flows.runner import PipelineFailed, StepFailed, Stopper, StepStopped, execute_step  # noqa: E402

@@ -5,10 +5,15 @@ Shared by the pipeline's Prefect task and by `llmcycle step`. Light on purpose (
 
 from __future__ import annotations
 
+import os
+import socket
 import threading
+import time
+from pathlib import Path
 
 import schemas
-from components.context import StepResult, write_json_atomic
+from components.lib.context import StepResult
+from components.lib.io import write_json_atomic
 from flows import launch, tracking
 from flows.plan import RESULT_FILE, PlannedStep, run_dir
 from flows.step import StepRequest
@@ -59,22 +64,69 @@ def try_lock(lock) -> bool:
     return True
 
 
+def claim(lock, record: Path, multi_node: bool, on_line, should_stop, name: str, ready=lambda: True,
+          timeout: float | None = None) -> bool:
+    """Take the step's lock (True: this process owns the step), or, for a multi-node step that another process
+    already runs (its launch record exists), report that this process should join it (False).
+
+    A single-node step held by another run is waited for (then its output is reused); `ready` says whether
+    the step's inputs are complete (another machine's pipeline may still be making them).
+    """
+    deadline = None if timeout is None else time.monotonic() + timeout
+    said = False
+    while True:
+        if ready() and try_lock(lock):
+            return True
+        if multi_node and record.is_file():
+            return False
+        if should_stop():
+            raise StepStopped(f"step '{name}' stopped ({should_stop()}) while waiting for it to start")
+        if deadline is not None and time.monotonic() > deadline:
+            raise StepFailed(f"step '{name}' did not start within {timeout:.0f} s (trainer.launcher.join_timeout): "
+                             "start `llmcycle run` (or `llmcycle step`) on the machine that owns it")
+        if not said:
+            on_line(f"{name}: another run is working on this step, or its inputs are not complete; waiting")
+            said = True
+        time.sleep(0.5)
+
+
+def request_for(planned: PlannedStep, loaded: schemas.LoadedSpec, upstream: dict[str, StepResult], uri: str,
+                **fields) -> StepRequest:
+    return StepRequest(spec_path=str(loaded.path), overrides=list(loaded.overrides), name=planned.name,
+                       kind=planned.kind, fingerprint=planned.fingerprint, output_dir=str(planned.output_dir),
+                       workdir=str(loaded.workdir), resources=planned.resources, tracking_uri=uri,
+                       upstream={n: {**r.to_json(), "dir": str(r.dir)} for n, r in upstream.items()}, **fields)
+
+
+def join(planned: PlannedStep, loaded: schemas.LoadedSpec, upstream: dict[str, StepResult], uri: str,
+         on_line, should_stop) -> launch.Outcome:
+    """Run this machine's torchrun agent into a multi-node step another process owns (and logs)."""
+    request = request_for(planned, loaded, upstream, uri, log_file=f"node-{socket.gethostname()}-{os.getpid()}.log")
+    on_line(f"{planned.name}: joining as a further node (rendezvous "
+            f"{planned.resources['launcher']['rdzv_endpoint']})")
+    return launch.run_local(request, on_line, should_stop)
+
+
 def execute_step(planned: PlannedStep, loaded: schemas.LoadedSpec, upstream: dict[str, StepResult], client,
                  parent_run_id: str, uri: str, on_line, should_stop, cuda_devices: str | None = None,
                  cpu_threads: int | None = None, in_process: bool = False, lock=None) -> StepResult:
     """Run one step (or reuse its complete output) in its nested MLflow run; raise StepFailed/StepStopped.
 
-    `lock`: the step's lock, already held by the caller; by default it is taken here (waiting for another run
-    that holds it, then reusing that run's output).
+    `lock`: the step's lock, already held by the caller; by default it is claimed here: another run that holds
+    it is waited for (and its output reused), or, for a multi-node step, joined as a further node.
     """
     folder = run_dir(loaded.workdir, planned.name, planned.fingerprint)
     folder.mkdir(parents=True, exist_ok=True)
     record = folder / "launch.json"
+    multi_node = planned.resources.get("num_nodes", 1) > 1
     if lock is None:
         lock = step_lock(folder)
-        if not try_lock(lock):
-            on_line(f"{planned.name}: another run is working on this step; waiting for it")
-            lock.acquire()
+        if not claim(lock, record, multi_node, on_line, should_stop, planned.name):
+            outcome = join(planned, loaded, upstream, uri, on_line, should_stop)
+            if not outcome.ok:
+                raise StepFailed(f"step '{planned.name}' ({planned.kind}) failed on this node: {outcome.message}")
+            lock = step_lock(folder)
+            lock.acquire()  # the owner releases it once it has logged the step; then reuse its output
     try:
         reuse = (planned.output_dir / RESULT_FILE).is_file() and not planned.forced
         run_id = tracking.start_step_run(loaded, client, parent_run_id, planned, cached=reuse)
@@ -83,12 +135,9 @@ def execute_step(planned: PlannedStep, loaded: schemas.LoadedSpec, upstream: dic
             tracking.finish_step_run(client, run_id, "ok", result.metrics)
             on_line(f"{planned.name}: complete output found in {planned.output_dir}, skipped")
             return result
-        request = StepRequest(spec_path=str(loaded.path), overrides=list(loaded.overrides), name=planned.name,
-                              kind=planned.kind, fingerprint=planned.fingerprint, output_dir=str(planned.output_dir),
-                              workdir=str(loaded.workdir), resources=planned.resources, tracking_uri=uri,
-                              run_id=run_id, upstream={n: {**r.to_json(), "dir": str(r.dir)} for n, r in upstream.items()},
-                              cuda_devices=cuda_devices, cpu_threads=cpu_threads)
-        if planned.resources.get("num_nodes", 1) > 1:  # while it exists, the other nodes' `llmcycle step` join
+        request = request_for(planned, loaded, upstream, uri, run_id=run_id, cuda_devices=cuda_devices,
+                              cpu_threads=cpu_threads)
+        if multi_node:  # while it exists, the other nodes join (`llmcycle step`, or a pipeline that needs it)
             write_json_atomic(record, {"run_id": run_id, "tracking_uri": uri})
         if planned.run_on:
             outcome = launch.run_on_pool(request, planned.run_on, on_line, should_stop)
@@ -107,5 +156,3 @@ def execute_step(planned: PlannedStep, loaded: schemas.LoadedSpec, upstream: dic
     if not outcome.ok:
         raise StepFailed(f"step '{planned.name}' ({planned.kind}) failed: {outcome.message}")
     return result
-
-

@@ -108,6 +108,8 @@ def execute(request: StepRequest, own_process: bool = True) -> int:
         import importlib
 
         output = importlib.import_module(f"components.{request.kind}").run(step_spec, ctx)
+        if rank == 0:
+            check_outputs(request, step_spec, output, ctx.out_dir)
         _barrier()  # no rank still uses the checkpoint folder that rank 0 is about to remove
         if rank == 0:
             _finalize(request, ctx, output, started)
@@ -140,7 +142,7 @@ def _work_dir(request: StepRequest, rank: int) -> Path:
 
 def _context(request: StepRequest, tmp: Path, rank: int):
     import schemas
-    from components.context import StepContext, StepResult
+    from components.lib.context import StepContext, StepResult
     from schemas.resources import TrainerSpec
 
     loaded = schemas.load(request.spec_path, request.overrides)
@@ -170,9 +172,21 @@ def _run_id(request: StepRequest) -> str | None:
     return json.loads(record.read_text()).get("run_id") if record.is_file() else None
 
 
+def check_outputs(request: StepRequest, step_spec, output, folder: Path) -> None:
+    """The step returned exactly the outputs its spec declares with these settings, and each exists."""
+    declared, returned = set(step_spec.outputs()), set(output.outputs)
+    missing = [k for k in sorted(returned) if not (folder / output.outputs[k]).exists()]
+    if declared != returned or missing:
+        raise RuntimeError(
+            f"components/{request.kind} broke its contract: it returned outputs {sorted(returned)} where its spec "
+            f"declares {sorted(declared)} with these settings" + (f", and {missing} do not exist" if missing else "")
+            + " (a bug in llmcycle: please report it)")
+
+
 def _finalize(request: StepRequest, ctx, output, started: float) -> None:
     """result.json last inside the temporary folder, then one rename puts the output in place."""
-    from components.context import StepResult, finite_metrics, write_json_atomic
+    from components.lib.context import StepResult, finite_metrics
+    from components.lib.io import write_json_atomic
     from flows.plan import RESULT_FILE
 
     metrics = finite_metrics(output.metrics)

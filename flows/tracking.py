@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
+from components.lib.mlflow_models import git_commit
 from schemas import LoadedSpec
 
 STATUS = {"ok": "FINISHED", "failed": "FAILED", "killed": "FAILED", "stopped": "KILLED"}
@@ -99,14 +99,6 @@ def finish_step_run(client, run_id: str, status: str, metrics: dict[str, float] 
     if log is not None and log.is_file() and log.stat().st_size:
         client.log_artifact(run_id, str(log), "logs")
     client.set_terminated(run_id, STATUS[status])
-
-
-def git_commit(folder: Path) -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True, timeout=5)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
 
 
 def flatten(data: Any, prefix: str = "") -> dict[str, str]:

@@ -19,18 +19,31 @@ class Ref:
     """Marks a string field as a reference to another step that must produce `output` ("*": any step).
 
     With `external=True` the string may instead be an external model: `hf:ID`, `./path`, `../path`,
-    `/path` or `models:/name@alias`; a bare name is always a step.
+    `/path` or `models:/name@alias`; a bare name is always a step. `causal=True`: the model must be a
+    causal LM (a masked one cannot generate or be fine-tuned as one).
     """
 
     output: str
     external: bool = False
+    causal: bool = False
 
 
+@dataclass(frozen=True)
+class Input:
+    """Marks a field holding files or globs (relative to the spec) whose contents feed the step: they are part
+    of its fingerprint, so editing one re-runs the step (`StepSpec.input_globs` finds every such field)."""
+
+
+InputFiles = Annotated[list[str], Input()]
+InputFile = Annotated[str, Input()]
 StepName = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_-]*$")]
 TokenizerRef = Annotated[str, Ref("tokenizer")]
 ModelRef = Annotated[str, Ref("model", external=True),
                      Field(description="A step that produced a model, or `hf:ID`, `./path`, `/path`, "
                                        "`models:/name@alias`.")]
+CausalModelRef = Annotated[str, Ref("model", external=True, causal=True),
+                           Field(description="A step that produced a causal LM, or `hf:ID`, `./path`, `/path`, "
+                                             "`models:/name@alias`.")]
 
 
 def is_external(value: str) -> bool:
@@ -39,7 +52,8 @@ def is_external(value: str) -> bool:
 
 
 class StepSpec(Section):
-    """Base of every step kind. `produces` lists what downstream steps may take from it."""
+    """Base of every step kind. `produces` lists every output the kind can write; `outputs()` those it writes
+    with its settings (the engine checks a finished step against it)."""
 
     produces: ClassVar[frozenset[str]] = frozenset()
     trains: ClassVar[bool] = False  # trains with Lightning, so it may span several devices and nodes
@@ -53,9 +67,17 @@ class StepSpec(Section):
         """Yield (field path, step name, Ref) for every reference to another step."""
         yield from _walk_refs(self, ())
 
+    def outputs(self) -> frozenset[str]:
+        """The outputs this step writes with its settings (a subset of `produces`)."""
+        return self.produces
+
+    def why_no(self, output: str) -> str:
+        """Why the settings rule `output` out (for the error of a step that reads it), or ""."""
+        return ""
+
     def input_globs(self) -> list[str]:
-        """Return file globs (relative to the spec file) whose contents feed this step."""
-        return []
+        """File globs (relative to the spec file) whose contents feed this step: every `Input` field's value."""
+        return list(_walk_inputs(self))
 
 
 def _find_ref(annotation: Any) -> Ref | None:
@@ -83,6 +105,26 @@ def _walk_refs(model: BaseModel, prefix: tuple) -> Iterator[tuple[tuple, str, Re
                     yield from _walk_refs(item, prefix + (name, i))
                 elif ref is not None and isinstance(item, str) and not (ref.external and is_external(item)):
                     yield prefix + (name, i), item, ref
+
+
+def _walk_inputs(model: BaseModel) -> Iterator[str]:
+    for name, info in type(model).model_fields.items():
+        value = getattr(model, name)
+        marked = any(isinstance(m, Input) for m in info.metadata) or _find_marker(info.annotation, Input)
+        if marked and isinstance(value, str):
+            yield value
+        elif marked and isinstance(value, list):
+            yield from (v for v in value if isinstance(v, str))
+        elif isinstance(value, BaseModel):
+            yield from _walk_inputs(value)
+        elif isinstance(value, list):
+            for item in value:
+                if isinstance(item, BaseModel):
+                    yield from _walk_inputs(item)
+
+
+def _find_marker(annotation: Any, kind: type) -> bool:
+    return any(isinstance(arg, kind) or _find_marker(arg, kind) for arg in typing.get_args(annotation))
 
 
 class FromStep(Section):
@@ -132,10 +174,8 @@ class EarlyStoppingSpec(Section):
     """Smallest decrease of val/loss that counts as an improvement."""
 
 
-class TrainingStepSpec(StepSpec):
-    """Base of the kinds that train: the loop settings they share, at the top of the step."""
-
-    trains: ClassVar[bool] = True
+class TrainingLoop(Section):
+    """The training-loop settings every kind that trains shares (written at the top of the step)."""
 
     optimizer: OptimizerSpec = OptimizerSpec()
     """Optimizer and its hyperparameters."""
@@ -161,10 +201,20 @@ class TrainingStepSpec(StepSpec):
     """Save a resumable checkpoint every this many optimizer steps."""
 
     @model_validator(mode="after")
-    def _one_budget(self) -> "TrainingStepSpec":
+    def _one_budget(self) -> "TrainingLoop":
         if self.max_steps is not None and self.max_tokens is not None:
             raise ValueError("give max_steps or max_tokens, not both")
         return self
+
+
+class TrainingStepSpec(StepSpec, TrainingLoop):
+    """Base of the kinds that train with the shared loop (its settings at the top of the step)."""
+
+    trains: ClassVar[bool] = True
+
+    def loop(self) -> TrainingLoop:
+        """This step's loop settings, as the library takes them: every TrainingLoop field, by construction."""
+        return TrainingLoop.model_validate({name: getattr(self, name) for name in TrainingLoop.model_fields})
 
 
 def dump_for_fingerprint(model: BaseModel) -> dict[str, Any]:

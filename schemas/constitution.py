@@ -84,14 +84,9 @@ class Constitution(Section):
         return next(p for p in self.principles if p.name == name)
 
 
-def default_path() -> Path:
-    """The constitution that ships with the project."""
-    return Path(__file__).resolve().parents[1] / "components" / "assets" / "constitution.yaml"
-
-
-def load_constitution(path: str | Path | None = None) -> Constitution:
+def load_constitution(path: str | Path) -> Constitution:
     """Parse and validate a constitution file; raise SpecError naming FILE:LINE:COL of every mistake."""
-    doc = parse_file(path or default_path())
+    doc = parse_file(path)
     try:
         constitution = Constitution.model_validate(doc.data)
     except ValidationError as err:
@@ -133,4 +128,4 @@ def _owner(loc: tuple):
     return model
 
 
-__all__ = ["Constitution", "Principle", "SpecError", "Transcript", "default_path", "load_constitution"]
+__all__ = ["Constitution", "Principle", "SpecError", "Transcript", "load_constitution"]

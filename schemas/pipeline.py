@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import Annotated, Any, Union
 
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError, field_validator
 
+from . import contracts
 from .base import Section, StepSpec
 from .errors import Problem, SpecError, did_you_mean
 from .loader import Document, apply_overrides, parse_file
@@ -117,7 +119,11 @@ def _validate(doc: Document) -> tuple[PipelineSpec | None, list[Problem]]:
     except ValidationError as err:
         problems = [_problem(doc, e) for e in err.errors()]
         return None, problems + _reference_problems(doc, _steps_that_validate(doc))
-    return spec, _reference_problems(doc, spec.steps) + _resource_problems(doc, spec)
+    implied = contracts.fill_implied(spec, doc)
+    problems = _reference_problems(doc, spec.steps)
+    if not problems:  # contracts read the DAG; a broken reference is reported first
+        problems += contracts.gate_problems(spec, doc)
+    return spec, implied + problems + _resource_problems(doc, spec)
 
 
 def _resource_problems(doc: Document, spec: PipelineSpec) -> list[Problem]:
@@ -155,10 +161,8 @@ def _reference_problems(doc: Document, steps: dict[str, StepSpec | None]) -> lis
                 problems.append(doc.problem(where, f"no step named '{target}'{did_you_mean(target, steps)}"
                                             + (" (external models are written hf:ID, ./path, /path or "
                                                "models:/name@alias)" if ref.external else "")))
-            elif steps[target] is not None and ref.output != "*" and ref.output not in type(steps[target]).produces:
-                able = [n for n, s in steps.items() if s is not None and ref.output in type(s).produces]
-                problems.append(doc.problem(where, f"step '{target}' (kind {steps[target].kind}) produces no "
-                                            f"{ref.output}; steps that do: {', '.join(able) or 'none'}"))
+            elif steps[target] is not None and (found := contracts.output_problem(doc, where, target, steps, ref)):
+                problems.append(found)
             else:
                 edges[name].append((target, where))
     return problems + _cycle_problems(doc, edges)
@@ -201,6 +205,8 @@ def _problem(doc: Document, error: dict) -> Problem:
         return doc.problem(data_path, f"missing required field '{loc[-1]}'")
     message = error["msg"].removeprefix("Value error, ")
     value = error.get("input")
+    if kind == "literal_error" and isinstance(value, str):
+        message += did_you_mean(value, re.findall(r"'([^']*)'", error["ctx"]["expected"]))
     if data_path in doc.secrets:  # never echo a resolved secret; show what the file says instead
         if isinstance(value, str) and value:
             message = message.replace(value, doc.secrets[data_path])
@@ -251,7 +257,8 @@ def _fields_at(loc: tuple, data: Any) -> list[str]:
     for tp in types:
         for t in _unwrap(tp):
             if isinstance(t, type) and issubclass(t, BaseModel):
-                names += [n for n in t.model_fields if n not in names]
+                own = vars(t).get("__annotations__", {})  # the class's own fields first, then inherited ones
+                names += [n for n in sorted(t.model_fields, key=lambda n: n not in own) if n not in names]
     common = [n for n in names if n in StepSpec.model_fields]  # trainer, run_on: every kind has them, list last
     return [n for n in names if n not in common] + common
 

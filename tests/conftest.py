@@ -27,7 +27,7 @@ def prefect_harness():
 def make_ctx(tmp: Path, name: str = "step", kind: str = "step", upstream: dict | None = None, seed: int = 0,
              trainer: dict | None = None, base_dir: Path | None = None, fingerprint: str = "0" * 64):
     """A StepContext for calling a component's run() directly, without Prefect or MLflow."""
-    from components.context import StepContext
+    from components.lib.context import StepContext
     from schemas.resources import TrainerSpec
 
     out = tmp / name / "out"
@@ -38,9 +38,24 @@ def make_ctx(tmp: Path, name: str = "step", kind: str = "step", upstream: dict |
                        upstream=upstream or {})
 
 
+def check_contract(spec, output, steps: dict | None = None) -> None:
+    """A kind's StepOutput against what its spec declares: exactly its outputs, and its metrics both ways
+    (every name it reported is in the table of schemas/metrics.py; every name the table says it surely
+    reports with these settings, it reported). `time/seconds` is the engine's, not the component's."""
+    from schemas.metrics import emits, emitted
+
+    up = (steps or {}).get
+    assert set(output.outputs) == set(spec.outputs()), (sorted(output.outputs), sorted(spec.outputs()))
+    declared = emits(spec, up)
+    undeclared = [k for k in output.metrics if not emitted(k, declared)]
+    missing = [k for k in emits(spec, up, certain_only=True) if k != "time/seconds" and "*" not in k
+               and k not in output.metrics]
+    assert not undeclared and not missing, f"undeclared: {undeclared}; declared but missing: {missing}"
+
+
 def finish(ctx, output, name: str | None = None):
     """Turn a component's StepOutput into the StepResult downstream steps would see."""
-    from components.context import StepResult
+    from components.lib.context import StepResult
 
     return StepResult(name=name or ctx.name, kind=ctx.kind, fingerprint=ctx.fingerprint, dir=ctx.out_dir,
                       outputs=output.outputs, metrics=output.metrics, info=output.info)

@@ -48,11 +48,11 @@ def test_quickstart_runs_every_step_and_leaves_a_registered_model(tmp_path, monk
     assert {r["kind"] for r in results.values()} >= {"tokenize", "pretrain", "evaluate", "finetune",
                                                    "reward_model", "ppo", "register"}
     base = results["base"]["metrics"]
-    assert base["val/perplexity"] < base["val/perplexity_initial"]
+    assert base["val/perplexity"] < base["before/val/perplexity"]
     ppo_dir = runs / "ppo" / results["ppo"]["fingerprint"][:12]
     AutoModelForCausalLM.from_pretrained(ppo_dir / results["ppo"]["outputs"]["model"])
     rm_dir = runs / "rm" / results["rm"]["fingerprint"][:12]
-    AutoModelForSequenceClassification.from_pretrained(rm_dir / results["rm"]["outputs"]["model"])
+    AutoModelForSequenceClassification.from_pretrained(rm_dir / results["rm"]["outputs"]["reward_model"])
 
     client = MlflowClient(tracking_uri=f"sqlite:///{runs / 'mlflow.db'}")
     model = client.get_registered_model("quickstart-lm")

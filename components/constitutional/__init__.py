@@ -17,24 +17,25 @@ reference pairs.
 
 from __future__ import annotations
 
-import json
 import random
-from pathlib import Path
 
 from components.constitutional import rl, sl
-from components import tasks as T_tasks
+from components.lib import assets
+from components.lib.io import read_jsonl, read_jsonl_files, write_jsonl
+from components.lib.models import load_model
+from components.lib import tasks as T_tasks
 from components.constitutional import transcripts as T
-from components.context import StepContext, StepOutput
+from components.lib.context import StepContext, StepOutput
 from schemas.constitution import Constitution, Principle, load_constitution
 from schemas.errors import did_you_mean
 from schemas.steps.constitutional import ConstitutionalSpec
 
-ASSETS = Path(__file__).resolve().parents[1] / "assets"
 
 
 def load_principles(spec: ConstitutionalSpec, ctx: StepContext) -> tuple[Constitution, list[Principle]]:
     """The constitution (line-numbered errors) and the principles this step draws from."""
-    constitution = load_constitution(ctx.resolve_path(spec.constitution) if spec.constitution else None)
+    constitution = load_constitution(ctx.resolve_path(spec.constitution) if spec.constitution
+                                     else assets.path("constitution.yaml"))
     names = [p.name for p in constitution.principles]
     for name in spec.principles or []:
         if name not in names:
@@ -49,28 +50,21 @@ def load_principles(spec: ConstitutionalSpec, ctx: StepContext) -> tuple[Constit
 
 def load_prompts(spec: ConstitutionalSpec, ctx: StepContext) -> list[dict]:
     """Prompt rows ({prompt} plus an optional reference {chosen, rejected}), seeded-shuffled, at most `limit`."""
-    from components.preferences import read_jsonl
-
     if spec.prompts.builtin == "red_team":
-        found = read_jsonl([str(ASSETS / "red_team.jsonl")], Path, "prompts.builtin")
+        found = read_jsonl(assets.path("red_team.jsonl"))
     elif spec.prompts.builtin == "polite":
-        found = [(f"builtin polite #{i}", row) for i, row in enumerate(T_tasks.polite_requests(ctx.seed, 48))]
+        found = [{**row, "_where": f"builtin polite #{i}"} for i, row in enumerate(T_tasks.polite_requests(ctx.seed, 48))]
     else:
-        found = read_jsonl(spec.prompts.files, ctx.resolve_path, "prompts.files")
-    for where, row in found:
-        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
-            raise ValueError(f"prompts: {where}: each row needs a non-empty 'prompt' string")
-    rows = [row for _, row in found]
+        found = read_jsonl_files(spec.prompts.files, ctx.resolve_path, "prompts.files")
+    for row in found:
+        if not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
+            raise ValueError(f"prompts: {row['_where']}: each row needs a non-empty 'prompt' string")
+    rows = [{k: v for k, v in row.items() if k != "_where"} for row in found]
     random.Random(f"{ctx.seed}|prompts").shuffle(rows)
     rows = rows[:spec.prompts.limit] if spec.prompts.limit else rows
     if len(rows) < 2:
         raise ValueError(f"prompts: {len(rows)} prompt(s); the SFT and preference halves need at least 2")
     return rows
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 def preference_items(model, tokenizer, rows: list[dict], spec: ConstitutionalSpec, seed: int) -> list[dict]:
@@ -95,13 +89,11 @@ def run(spec: ConstitutionalSpec, ctx: StepContext) -> StepOutput:
     """SL-CAI transcripts and fine-tune, then RL-CAI labels; write model and data, log samples and statistics."""
     import lightning as L
 
-    from components.models import load_causal_lm, load_tokenizer
-
     constitution, principles = load_principles(spec, ctx)  # fail fast, before any model loads
     prompts = load_prompts(spec, ctx)
     L.seed_everything(ctx.seed, workers=True, verbose=False)
     source = ctx.model_source(spec.model)
-    tokenizer, policy = load_tokenizer(source), load_causal_lm(source)
+    policy, tokenizer = load_model(source)
 
     transcripts = sl.critique_and_revise(policy, tokenizer, [r["prompt"] for r in prompts], spec, constitution,
                                          principles, ctx.seed)
@@ -144,16 +136,14 @@ def run(spec: ConstitutionalSpec, ctx: StepContext) -> StepOutput:
 def label_preference_half(spec: ConstitutionalSpec, ctx: StepContext, tokenizer, pref_half: list[dict],
                           principles: list[Principle]) -> list[dict]:
     """RL-CAI: two replies per preference-half prompt from the SL-CAI model, labelled by the feedback model."""
-    from components.models import load_causal_lm, load_tokenizer
-
-    sl_model = load_causal_lm(str(ctx.out_dir / "model"))
+    sl_model, _ = load_model(ctx.out_dir / "model")
     rows = [{"prompt": r["prompt"], **r["reference"]} for r in pref_half]
     items = preference_items(sl_model, tokenizer, rows, spec, ctx.seed)
     if spec.feedback_model is None:
         judge_model, judge_tok = sl_model, tokenizer
     else:
         source = ctx.model_source(spec.feedback_model)
-        judge_model, judge_tok = load_causal_lm(source), load_tokenizer(source)
+        judge_model, judge_tok = load_model(source)
     return rl.label_pairs(judge_model, judge_tok, items, principles, spec.feedback, ctx.seed, spec.batch_size)
 
 

@@ -6,18 +6,16 @@ from __future__ import annotations
 import random
 
 from components.constitutional import transcripts as T
-from components.context import StepContext, StepOutput
-from components.generation import generate_texts
+from components.lib.context import StepContext, StepOutput
+from components.lib.generation import generate_texts
+from components.lib.text import user_prompt
 from schemas.constitution import Constitution, Principle
 from schemas.steps.constitutional import ConstitutionalSpec
 
 
 def policy_prompt(tokenizer, prompt: str) -> str:
-    """How the policy is asked: its chat template when it has one, else the Human/Assistant frame."""
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                             add_generation_prompt=True)
-    return T.human_turn(prompt)
+    """How the policy is asked: one user turn (its chat template, else the Human/Assistant frame)."""
+    return user_prompt(tokenizer, prompt)
 
 
 def sample(model, tokenizer, contexts: list[str], spec: ConstitutionalSpec, seed: int) -> list[str]:
@@ -51,23 +49,22 @@ def critique_and_revise(model, tokenizer, prompts: list[str], spec: Constitution
     return [T.published_row(p, r, rs) for p, r, rs in zip(prompts, init, rounds)]
 
 
-def finetune_spec(spec: ConstitutionalSpec):
-    """The finetune step's spec carrying this step's training settings (data is given as rows)."""
-    from schemas.steps.finetune import FinetuneSpec
-
-    loop = {k: getattr(spec, k) for k in ("optimizer", "schedule", "grad_clip", "batch_size", "accumulate",
-                                          "max_steps", "max_tokens", "val_every", "val_batches", "early_stopping",
-                                          "checkpoint_every")}
-    return FinetuneSpec(kind="finetune", model=spec.model, data={"builtin": "tasks", "max_length": spec.max_length},
-                        peft=spec.peft, merge=True, evaluation=None, **loop)
-
-
-def finetune_on_revisions(ctx: StepContext, spec: ConstitutionalSpec, model_source: str, sft_rows: list[dict],
+def finetune_on_revisions(ctx: StepContext, spec: ConstitutionalSpec, model_source: str, sft_rows: list[dict]
                           ) -> StepOutput:
-    """Fine-tune on prompt -> final revision; a seeded tenth (at least one row) is held out for val/loss."""
-    from components.finetune import train_sft
+    """Fine-tune on prompt -> final revision (a seeded tenth, at least one row, held out for val/loss), with the
+    library's SFT loop and this step's own loop and peft settings; a standalone model is always written."""
+    import torch
+
+    from components.lib.mlflow_models import log_outputs
+    from components.lib.models import load_model
+    from components.lib.peft import save_outputs
+    from components.lib.sft import train_sft
 
     rows = list(sft_rows)
     random.Random(ctx.seed).shuffle(rows)
     k = max(1, len(rows) // 10)
-    return train_sft(ctx, finetune_spec(spec), model_source, rows[k:] or rows, rows[:k])
+    model, tokenizer = load_model(model_source, dtype=torch.float32)
+    result = train_sft(ctx, model, tokenizer, rows[k:] or rows, rows[:k], spec.peft, spec.loop(), spec.max_length)
+    outputs = save_outputs(result.model, tokenizer, ctx.out_dir, merge=True)
+    log_outputs(ctx, outputs)
+    return StepOutput(outputs=outputs, metrics=result.metrics)

@@ -10,48 +10,59 @@ decoding samples (greedy, sampling, top-k, nucleus: Holtzman et al. 2020, beam s
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
-from components import models
-from components.context import StepContext, StepOutput, finite_metrics, write_json_atomic
-from components.evaluate import embeddings, metrics as scoring
+from components.evaluate import embeddings
 from components.evaluate.decoding import sample_strategies
-from components.evaluate.prompted import run_tasks
-from schemas.steps.evaluate import EvaluateSpec
+from components.lib import evaluation, models, scoring
+from components.lib.context import StepContext, StepOutput, finite_metrics
+from components.lib.io import read_jsonl, write_json_atomic, write_jsonl
+from components.lib.text import pad_token, start_token
+from components.lib.tokens import read_tokens
+from schemas.steps.evaluate import EvaluateSpec, TasksSpec
 
-MAX_CONTEXT = 512  # scoring block length when the model allows longer
+MAX_CONTEXT = 512  # scoring window when the model allows longer
 
 
 def run(spec: EvaluateSpec, ctx: StepContext) -> StepOutput:
     """Load the model, score held-out tokens and texts, run tasks, decode, inspect embeddings."""
     torch.manual_seed(ctx.seed)
-    source = ctx.model_source(spec.model)
-    model, masked = models.load_lm(source)
+    model, tokenizer = models.load_model(ctx.model_source(spec.model), objective="auto")
     model.eval()
-    tokenizer = models.load_tokenizer(source)
+    masked = models.is_masked_model(model.config)
     context = min(spec.context or MAX_CONTEXT, models.context_length(model))
+    limit = spec.max_batches * spec.batch_size
     results: dict[str, float] = {}
 
     if spec.tokens is not None:
-        from components.data import read_tokens
-
-        ids = read_tokens(ctx.step(spec.tokens).path("tokens"), spec.split)
-        results.update(_score(model, tokenizer, masked, ids, context, spec, ctx, prefix=spec.split))
-    if spec.texts:
-        results.update(_score(model, tokenizer, masked, scoring.text_ids(tokenizer, spec.texts), context, spec, ctx,
-                              prefix="texts"))
-    if spec.tasks is not None:
+        folder = ctx.step(spec.tokens).path("tokens")
         if masked:
-            raise ValueError("tasks: prompted tasks need a causal model; this model is a masked LM")
-        task_metrics, rows = run_tasks(model, tokenizer, spec.tasks, ctx)
+            scores = scoring.score_masked(model, tokenizer, scoring.blocks(read_tokens(folder, spec.split), context,
+                                                                           limit), spec.batch_size, seed=ctx.seed)
+        else:
+            windows = scoring.heldout_windows(folder, tokenizer, context, limit, spec.split)
+            scores = scoring.score_windows(model, windows, spec.batch_size, pad_token(tokenizer))
+        results.update({f"{spec.split}/{k}": v for k, v in scores.metrics(masked).items()})
+    if spec.texts:
+        docs = scoring.document_ids(tokenizer, spec.texts)
+        if masked:
+            flat = [i for doc in docs for i in doc]
+            scores = scoring.score_masked(model, tokenizer, scoring.blocks(flat, context), spec.batch_size,
+                                          seed=ctx.seed)
+        else:
+            scores = scoring.score_documents(model, docs, start_token(tokenizer), pad_token(tokenizer), context,
+                                             spec.batch_size)
+        results.update({f"texts/{k}": v for k, v in scores.metrics(masked).items()})
+    if masked and (spec.tasks is not None or spec.generation is not None):
+        raise ValueError(f"{spec.model} is a masked LM: tasks and generation need a causal model")
+    if spec.tasks is not None:
+        task_metrics, rows = evaluation.score_tasks(model, tokenizer, load_tasks(spec.tasks, ctx), spec.tasks.shots,
+                                                    spec.tasks.separator)
         results.update(task_metrics)
         _table(ctx, rows, "tasks")
     if spec.generation is not None:
-        if masked:
-            raise ValueError("generation: decoding needs a causal model; this model is a masked LM")
         _table(ctx, sample_strategies(model, tokenizer, spec.generation, ctx.seed), "generations")
     if spec.embeddings is not None:
         _embeddings(model, tokenizer, spec, ctx)
@@ -59,28 +70,35 @@ def run(spec: EvaluateSpec, ctx: StepContext) -> StepOutput:
     results = finite_metrics(results)
     write_json_atomic(ctx.out_dir / "metrics.json", results)
     ctx.log_metrics(results)
-    shown = ", ".join(f"{k}={v:.4g}" for k, v in results.items() if not k.startswith("task/"))
+    shown = ", ".join(f"{k}={v:.4g}" for k, v in results.items() if k.count("/") < 3)
     print(f"{ctx.name}: {shown}", flush=True)
     return StepOutput(outputs={"metrics": "metrics.json"}, metrics=results,
                       info={"masked": masked, "context": context})
 
 
-def _score(model, tokenizer, masked: bool, ids, context: int, spec: EvaluateSpec, ctx: StepContext,
-           prefix: str) -> dict[str, float]:
-    blocks = scoring.token_blocks(ids, context, spec.max_batches * spec.batch_size)
-    if blocks.shape[1] < 2:
-        raise ValueError(f"evaluate: fewer than 2 tokens to score in '{prefix}'")
-    if masked:
-        out = scoring.score_masked(model, tokenizer, blocks, spec.batch_size, seed=ctx.seed)
-    else:
-        out = scoring.score_causal(model, blocks, spec.batch_size)
-    return {f"{prefix}/{k}": v for k, v in out.items()}
+def load_tasks(spec: TasksSpec, ctx: StepContext) -> list[evaluation.Task]:
+    """The tasks written in the spec or in JSONL files, then the builtin mixture's."""
+    tasks = []
+    for item in spec.items:
+        if item.file is not None and not ctx.resolve_path(item.file).is_file():
+            raise FileNotFoundError(f"tasks.items '{item.name}': file {ctx.resolve_path(item.file)} not found")
+        rows = [e.model_dump() for e in item.examples] if item.examples is not None else \
+            read_jsonl(ctx.resolve_path(item.file))
+        for row in rows:
+            missing = [k for k in ("prompt", "answer") if k not in row] + \
+                (["choices"] if item.type == "choice" and "choices" not in row else [])
+            if missing:
+                raise ValueError(f"{row.get('_where', f'tasks.items {item.name!r}')}: row lacks {', '.join(missing)} "
+                                 f"(task '{item.name}', type {item.type})")
+            row.setdefault("completion", " " + str(row["answer"]).lstrip())
+        tasks.append(evaluation.Task(item.name, item.type, rows, max_new_tokens=item.max_new_tokens))
+    if spec.builtin == "tasks":
+        tasks += evaluation.builtin_tasks(ctx.seed, spec.n_per_task, spec.tasks)
+    return tasks
 
 
 def _table(ctx: StepContext, rows: list[dict], name: str) -> None:
-    with open(ctx.out_dir / f"{name}.jsonl", "w") as fh:
-        for row in rows:
-            fh.write(json.dumps(row) + "\n")
+    write_jsonl(ctx.out_dir / f"{name}.jsonl", rows)
     if rows:
         ctx.log_table(rows, f"{name}.json")
 

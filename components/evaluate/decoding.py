@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from components.generation import generate_texts
+from components.lib.generation import generate_texts
 from schemas.steps.evaluate import GenerationSpec
 
 

@@ -10,14 +10,17 @@ sample completions. Algorithm: Schulman et al. 2017 (PPO), Ziegler et al. 2019 a
 from __future__ import annotations
 
 import copy
-import random
 import time
 
 import lightning as L
 import torch
 
-from components.context import StepContext, StepOutput
-from components.training import world_size
+from components.lib.context import StepContext, StepOutput
+from components.lib.io import read_jsonl_files, split_rows
+from components.lib.models import load_model
+from components.lib.preferences import prompt_row
+from components.lib.training import fit, make_trainer, world_size
+from schemas.base import TrainingLoop
 from schemas.steps.ppo import PPOSpec
 
 SAMPLE_BATCH = 64  # held-out prompts generated per batch
@@ -25,23 +28,18 @@ SAMPLE_BATCH = 64  # held-out prompts generated per batch
 
 def load_prompts(spec: PPOSpec, ctx: StepContext, tokenizer=None) -> tuple[list[dict], list[dict]]:
     """(train, held-out) prompt rows; builtin rows carry the task's answer for verifiable rewards."""
-    from components.preferences import normalize_messages_prompt, read_jsonl
-
     data = spec.prompts
     if data.builtin == "tasks":
-        from components.tasks import make_examples
+        from components.lib.tasks import make_examples
 
         rows = make_examples(ctx.seed, "train", data.n_per_task, data.tasks)
         held = make_examples(ctx.seed, "eval", max(4, data.n_per_task // 4), data.tasks)
         return _fill(rows, spec.rollouts * world_size()), held
-    rows = [normalize_messages_prompt(r, where, tokenizer) for where, r in
-            read_jsonl(data.files, ctx.resolve_path, "prompts.files")]
-    held = [normalize_messages_prompt(r, where, tokenizer) for where, r in
-            read_jsonl(data.eval_files or [], ctx.resolve_path, "prompts.eval_files")]
+    rows = read_jsonl_files(data.files, ctx.resolve_path, "prompts.files")
+    held = read_jsonl_files(data.eval_files or [], ctx.resolve_path, "prompts.eval_files")
     if not held:
-        random.Random(ctx.seed).shuffle(rows)
-        k = max(1, int(len(rows) * data.eval_fraction))
-        held, rows = rows[:k], rows[k:]
+        rows, held = split_rows(rows, data.eval_fraction, ctx.seed)
+    rows, held = [prompt_row(r, tokenizer) for r in rows], [prompt_row(r, tokenizer) for r in held]
     return _fill(rows, spec.rollouts * world_size()), held
 
 
@@ -51,14 +49,10 @@ def _fill(rows: list[dict], batch: int) -> list[dict]:
 
 
 def load_policy(source: str):
-    """(policy, tokenizer) with dropout off and a pad token for left padding."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """(policy, tokenizer) with dropout off (masks, not pad ids, decide what counts in PPO)."""
     from trl.trainer.utils import disable_dropout_in_model
 
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token  # masks, not pad ids, decide what counts in PPO
-    policy = AutoModelForCausalLM.from_pretrained(source)
+    policy, tokenizer = load_model(source)
     disable_dropout_in_model(policy)
     return policy, tokenizer
 
@@ -68,9 +62,8 @@ def load_scorer(spec: PPOSpec, ctx: StepContext, tokenizer, rows: list[dict]):
     from transformers import AutoModelForSequenceClassification
     from trl.trainer.utils import disable_dropout_in_model
 
+    from components.lib.rewards import get_reward, read_reward_stats
     from components.ppo.module import Scorer
-    from components.reward_model import read_reward_stats
-    from components.rewards import get_reward
 
     rm, mean, scale = None, 0.0, 1.0
     if spec.reward_model is not None:
@@ -86,8 +79,7 @@ def load_scorer(spec: PPOSpec, ctx: StepContext, tokenizer, rows: list[dict]):
         if spec.normalize_reward:
             scale = max(float(saved.get("reward_std", 1.0)), 1e-6)
     fn = get_reward(spec.reward.function, spec.reward.module) if spec.reward else None
-    true_name = spec.true_reward or (spec.reward.function if spec.reward else None) or \
-        ("exact_match" if rows and "answer" in rows[0] else None)
+    true_name = spec.true_reward_function()
     true_fn = get_reward(true_name, spec.reward.module if spec.reward else None) if true_name else None
     weight = spec.reward.weight if spec.reward else 1.0
     return Scorer(rm, mean, fn, weight, true_fn, tokenizer, reward_scale=scale), rm
@@ -107,7 +99,7 @@ def build_module(spec: PPOSpec, ctx: StepContext, policy, tokenizer, scorer, rm)
 
     reference = None
     if spec.peft.method == "lora":
-        from components.peft_methods import apply_peft
+        from components.lib.peft import apply_peft
 
         policy = apply_peft(policy, spec.peft)
     else:
@@ -123,7 +115,8 @@ def build_module(spec: PPOSpec, ctx: StepContext, policy, tokenizer, scorer, rm)
     steps = spec.iterations * spec.epochs * spec.minibatches
     return PPOModule(
         policy, tokenizer, scorer, reference=reference, critic=critic, value_head=value_head,
-        optimizer=spec.optimizer, schedule=spec.schedule, total_steps=steps, grad_clip=spec.grad_clip,
+        optimizer=spec.optimizer.model_dump(), schedule=spec.schedule.model_dump(), total_steps=steps,
+        grad_clip=spec.grad_clip,
         epochs=spec.epochs, minibatches=spec.minibatches, temperature=spec.temperature,
         max_new_tokens=spec.max_new_tokens, max_prompt_length=spec.prompts.max_length, kl_coef=spec.kl.coef,
         kl_target=spec.kl.target, kl_horizon=spec.kl.horizon, kl_estimator=spec.kl.estimator, gamma=spec.gamma,
@@ -151,11 +144,12 @@ def evaluate_policy(module, rows: list[dict], seed: int, greedy: bool = False) -
     return {k: v / len(rows) for k, v in sums.items()}, texts
 
 
-def _held_out(module, rows: list[dict], seed: int, when: str) -> tuple[dict[str, float], list[str]]:
+def _held_out(module, rows: list[dict], seed: int) -> tuple[dict[str, float], list[str]]:
+    """`val/*` on the held-out prompts: sampled score, model score, true reward, KL, length; greedy too."""
     sampled, texts = evaluate_policy(module, rows, seed)
     greedy, _ = evaluate_policy(module, rows, seed, greedy=True)
-    metrics = {f"eval/{when}_{k}": v for k, v in sampled.items()}
-    metrics.update({f"eval/{when}_{k}_greedy": v for k, v in greedy.items() if k in ("true_reward", "model_score")})
+    metrics = {f"val/{k}": v for k, v in sampled.items()}
+    metrics.update({f"val/{k}_greedy": v for k, v in greedy.items() if k in ("true_reward", "model_score")})
     return metrics, texts
 
 
@@ -163,7 +157,7 @@ def run(spec: PPOSpec, ctx: StepContext) -> StepOutput:
     """Load policy, reward and prompts; train PPO iterations with Lightning; compare held-out; save and log."""
     from torch.utils.data import DataLoader
 
-    from components.ppo.trainer import make_ppo_trainer, save_policy, log_results
+    from components.ppo.trainer import IterationProgress, log_results, save_policy
 
     L.seed_everything(ctx.seed, workers=True, verbose=False)
     policy, tokenizer = load_policy(ctx.model_source(spec.policy))
@@ -171,20 +165,24 @@ def run(spec: PPOSpec, ctx: StepContext) -> StepOutput:
     scorer, rm = load_scorer(spec, ctx, tokenizer, eval_rows)
     module = build_module(spec, ctx, policy, tokenizer, scorer, rm)
 
-    initial, initial_texts = _held_out(module, eval_rows, ctx.seed, "initial")
+    before, initial_texts = _held_out(module, eval_rows, ctx.seed)
     gen = torch.Generator().manual_seed(ctx.seed)
     loader = DataLoader(train_rows, batch_size=spec.rollouts, shuffle=True, generator=gen, drop_last=True,
                         collate_fn=list)
-    trainer = make_ppo_trainer(ctx, spec)
+    per_iteration = spec.epochs * spec.minibatches  # the trainer's step counts optimizer steps
+    loop = TrainingLoop(optimizer=spec.optimizer, schedule=spec.schedule, grad_clip=spec.grad_clip,
+                        checkpoint_every=spec.checkpoint_every * per_iteration)
+    trainer = make_trainer(ctx, loop, spec.iterations * per_iteration, validate=False, manual=True,
+                           callbacks=[IterationProgress(ctx.name, spec.iterations)])
     start = time.perf_counter()
-    from components.training import fit
-
     fit(trainer, module, ctx=ctx, train_dataloaders=loader)
     seconds = time.perf_counter() - start
-    final, final_texts = _held_out(module, eval_rows, ctx.seed, "final")
+    after, final_texts = _held_out(module, eval_rows, ctx.seed)
+    ctx.log_metrics(after, step=trainer.global_step)
 
-    metrics = {**initial, **final, **{k: v for k, v in module.history[-1].items()}, "perf/train_seconds": seconds}
+    metrics = {**after, **{f"before/{k}": v for k, v in before.items()}, **module.history[-1],
+               "perf/train_seconds": seconds, "train/steps": trainer.global_step}
     outputs = save_policy(module, tokenizer, ctx, spec)
     log_results(ctx, spec, module, eval_rows, initial_texts, final_texts, outputs)
     return StepOutput(outputs=outputs, metrics=metrics,
-                      info={"iterations": len(module.history), "true_reward": final.get("eval/final_true_reward")})
+                      info={"iterations": len(module.history), "true_reward": after.get("val/true_reward")})

@@ -14,8 +14,7 @@ import torch
 
 from components.ppo import core
 from components.ppo.rollout import Rollout, critic_values, left_pad, response_logprobs, sample
-from components.training import configure_optimizer
-from schemas.base import OptimizerSpec, ScheduleSpec
+from components.lib.training import configure_optimizer
 
 
 class Scorer(torch.nn.Module):
@@ -60,7 +59,7 @@ class PPOModule(L.LightningModule):
     """Policy (+ value head or critic), frozen reference and scorer; `training_step` runs one PPO iteration."""
 
     def __init__(self, policy, tokenizer, scorer: Scorer, reference=None, critic=None, value_head=None,
-                 optimizer: OptimizerSpec = OptimizerSpec(lr=1e-5), schedule: ScheduleSpec = ScheduleSpec(),
+                 optimizer: dict | None = None, schedule: dict | None = None,
                  total_steps: int = 160, grad_clip: float | None = 1.0, epochs: int = 4, minibatches: int = 1,
                  temperature: float = 0.7, max_new_tokens: int = 16, max_prompt_length: int = 128,
                  kl_coef: float = 0.05, kl_target: float | None = None, kl_horizon: int = 10_000,
@@ -165,7 +164,7 @@ class PPOModule(L.LightningModule):
                 n += 1
         return {k: v / n for k, v in totals.items()}
 
-    def training_step(self, rows: list[dict], batch_idx: int) -> None:
+    def training_step(self, rows: list[dict], batch_idx: int) -> torch.Tensor:
         roll, extras = self.rollout(rows)
         kl_sum = extras["kl"].sum(1)
         self.advantages(roll, extras["kl"])
@@ -188,13 +187,15 @@ class PPOModule(L.LightningModule):
         self.kl_ctl.update(float(kl_sum.mean()), len(rows))
         self.history.append(metrics)
         self.log_dict(metrics, on_step=True, batch_size=len(rows))
+        return torch.tensor(stats["policy_loss"] + self.hparams.vf_coef * stats["value_loss"])  # for the NaN guard
 
     def configure_optimizers(self):
         named = list(self.policy.named_parameters())
         for prefix, extra in (("critic.", self.critic), ("value_head.", self.value_head)):
             if extra is not None:
                 named += [(prefix + n, p) for n, p in extra.named_parameters()]
-        return configure_optimizer(named, self.hparams.optimizer, self.hparams.schedule, self.hparams.total_steps)
+        return configure_optimizer(named, self.hparams.optimizer or {"lr": 1e-5}, self.hparams.schedule or {},
+                                   self.hparams.total_steps)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["ppo"] = {"beta": self.kl_ctl.value, "history": self.history}

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from components.ppo import core
-from components.reward_model import position_ids, sequence_rewards, token_scores
+from components.lib.rewards import position_ids, sequence_rewards, token_scores
 
 
 @dataclass

@@ -1,16 +1,18 @@
-"""The Lightning Trainer for PPO, saving the final policy, and logging the held-out comparison."""
+"""PPO's progress lines, saving the final policy, and logging the held-out comparison."""
 
 from __future__ import annotations
 
 import time
 import warnings
 
-import lightning as L
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback
 
-from components.context import StepContext
-from components.training import CheckpointOnStop, StepLogger, resolve_precision
+from components.lib.context import StepContext
+from components.lib.models import save_pretrained
 from schemas.steps.ppo import PPOSpec
+
+# checkpoints hold the state after the iteration's updates, which is what resuming needs
+warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
 
 
 class IterationProgress(Callback):
@@ -30,33 +32,13 @@ class IterationProgress(Callback):
                   f"({time.perf_counter() - self.start:.0f}s)", flush=True)
 
 
-def make_ppo_trainer(ctx: StepContext, spec: PPOSpec) -> L.Trainer:
-    """A Trainer whose global step counts optimizer steps (iterations × epochs × minibatches)."""
-    per_iteration = spec.epochs * spec.minibatches
-    # checkpoints hold the state after the iteration's updates, which is what resuming needs
-    warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
-    ctx.ckpt_dir.mkdir(parents=True, exist_ok=True)
-    callbacks = [ModelCheckpoint(dirpath=ctx.ckpt_dir, filename="step-{step}", save_top_k=1, monitor="step",
-                                 mode="max", save_last=True,
-                                 every_n_train_steps=min(spec.checkpoint_every, spec.iterations) * per_iteration),
-                 IterationProgress(ctx.name, spec.iterations), CheckpointOnStop(ctx.ckpt_dir)]
-    logger = StepLogger(run_id=ctx.run_id, tracking_uri=ctx.tracking_uri) if ctx.run_id else False
-    t = ctx.trainer
-    return L.Trainer(accelerator=t.accelerator, devices=t.devices, strategy=t.strategy, num_nodes=t.num_nodes,
-                     precision=resolve_precision(t.precision, t.accelerator), max_steps=spec.iterations * per_iteration,
-                     max_epochs=-1, logger=logger, callbacks=callbacks, enable_progress_bar=False,
-                     enable_model_summary=False, log_every_n_steps=1, num_sanity_val_steps=0, limit_val_batches=0,
-                     default_root_dir=str(ctx.ckpt_dir), benchmark=False)
-
-
 def save_policy(module, tokenizer, ctx: StepContext, spec: PPOSpec) -> dict[str, str]:
     """The final policy as a transformers folder (plus the adapter with LoRA), tokenizer included."""
     if spec.peft.method == "lora":
-        from components.peft_methods import save_outputs
+        from components.lib.peft import save_outputs
 
         return save_outputs(module.policy, tokenizer, ctx.out_dir, merge=True)
-    module.policy.save_pretrained(ctx.out_dir / "model")
-    tokenizer.save_pretrained(ctx.out_dir / "model")
+    save_pretrained(module.policy, tokenizer, ctx.out_dir / "model")
     return {"model": "model", "tokenizer": "model"}
 
 
@@ -65,7 +47,7 @@ def log_results(ctx: StepContext, spec: PPOSpec, module, rows: list[dict], initi
     """Sample completions (initial vs final) as a table, the iteration curve, the model in MLflow."""
     if ctx.run_id is None:
         return
-    from components.mlflow_models import log_transformers_model
+    from components.lib.mlflow_models import log_transformers_model
 
     table = [{"prompt": r["prompt"], "initial": a, "final": b, **({"answer": r["answer"]} if "answer" in r else {})}
              for r, a, b in zip(rows[:spec.eval_samples], initial, final)]

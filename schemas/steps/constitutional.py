@@ -6,7 +6,7 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from ..base import ModelRef, Section, TrainingStepSpec
+from ..base import CausalModelRef, InputFile, InputFiles, Section, TrainingStepSpec
 from ..peft import PeftSpec
 
 
@@ -17,7 +17,7 @@ class PromptsSpec(Section):
     """`red_team`: the project's prompts that invite a rude, unsafe or dishonest reply; `polite`: requests
     to word, built from held-out combinations of the task mixture's `polite` task (for a judge fine-tuned
     on that task). Each row carries a reference good/bad reply pair, the ground truth for the AI labels."""
-    files: list[str] | None = None
+    files: InputFiles | None = None
     """Globs of JSONL files (relative to the spec) with {prompt} rows; optional {chosen, rejected} reference pairs."""
     limit: int | None = Field(None, ge=2)
     """Use at most this many prompts (the first ones, after a seeded shuffle)."""
@@ -70,11 +70,11 @@ class ConstitutionalSpec(TrainingStepSpec):
     produces: ClassVar[frozenset[str]] = frozenset({"model", "adapter", "tokenizer", "data"})
 
     kind: Literal["constitutional"]
-    model: ModelRef
+    model: CausalModelRef
     """The policy: it answers, critiques and revises, and is fine-tuned on its final revisions."""
-    feedback_model: ModelRef | None = None
+    feedback_model: CausalModelRef | None = None
     """The judge for RL-CAI labels (default: the policy)."""
-    constitution: str | None = None
+    constitution: InputFile | None = None
     """YAML file of principles (relative to the spec); default: the constitution shipped with llmcycle."""
     principles: list[str] | None = None
     """Use only these principles of the constitution (default: all)."""
@@ -104,8 +104,11 @@ class ConstitutionalSpec(TrainingStepSpec):
             raise ValueError("principles lists a name twice")
         return self
 
-    def input_globs(self) -> list[str]:
-        return ([self.constitution] if self.constitution else []) + list(self.prompts.files or [])
+    def outputs(self) -> frozenset[str]:
+        return frozenset({"model", "tokenizer", "data"} | ({"adapter"} if self.peft.is_adapter else set()))
+
+    def why_no(self, output: str) -> str:
+        return f"peft method {self.peft.method} leaves no adapter" if output == "adapter" else ""
 
     def plan_details(self) -> dict:
         judge = self.feedback_model or "the policy"

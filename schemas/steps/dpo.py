@@ -6,9 +6,9 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from ..base import ModelRef, TrainingStepSpec
+from ..base import CausalModelRef, TrainingStepSpec
 from ..peft import PeftSpec
-from ..preferences import PreferenceDataSpec
+from ..data import PreferenceDataSpec
 
 
 class DpoSpec(TrainingStepSpec):
@@ -17,9 +17,9 @@ class DpoSpec(TrainingStepSpec):
     produces: ClassVar[frozenset[str]] = frozenset({"model", "adapter", "tokenizer"})
 
     kind: Literal["dpo"]
-    model: ModelRef
+    model: CausalModelRef
     """The policy to align (usually an SFT model); it is also the frozen reference unless `reference` is set."""
-    reference: ModelRef | None = None
+    reference: CausalModelRef | None = None
     """A different frozen reference model (default: the starting policy; for adapters, the adapter disabled)."""
     data: PreferenceDataSpec
     """Training (and held-out) preference pairs."""
@@ -45,8 +45,18 @@ class DpoSpec(TrainingStepSpec):
         """Whether a standalone `model` folder is written."""
         return self.peft.method != "prompt_tuning" if self.merge is None else self.merge
 
-    def input_globs(self) -> list[str]:
-        return list(self.data.files or []) + list(self.data.eval_files or [])
+    def outputs(self) -> frozenset[str]:
+        adapter = {"adapter"} if self.peft.is_adapter else set()
+        model = {"model"} if self.merged or not self.peft.is_adapter else set()
+        return frozenset(adapter | model | {"tokenizer"})
+
+    def why_no(self, output: str) -> str:
+        if output == "model":
+            return f"peft method {self.peft.method} writes an adapter only" + (
+                " (prompt tuning has no merged form)" if self.peft.method == "prompt_tuning" else "; set merge: true")
+        if output == "adapter":
+            return f"peft method {self.peft.method} trains the weights themselves, so there is no adapter"
+        return ""
 
     def plan_details(self) -> dict:
         data = "builtin preferences" if self.data.builtin else \

@@ -6,7 +6,8 @@ from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from ..base import ModelRef, Ref, Section, StepSpec
+from ..base import InputFile, ModelRef, Ref, Section, StepSpec
+from ..data import BuiltinTask
 
 TokensRef = Annotated[str, Ref("tokens")]
 
@@ -31,7 +32,7 @@ class TaskSpec(Section):
     """`choice`: pick the choice with the highest log-likelihood; `exact_match`: generate greedily and compare."""
     examples: list[TaskExample] | None = None
     """Examples written in the spec."""
-    file: str | None = None
+    file: InputFile | None = None
     """A JSONL file of examples (`prompt`, `answer`, optional `choices`), relative to the spec."""
     max_new_tokens: int = Field(16, ge=1)
     """Tokens to generate for exact_match."""
@@ -52,7 +53,9 @@ class TasksSpec(Section):
     items: list[TaskSpec] = []
     """Tasks defined in the spec or in JSONL files."""
     builtin: Literal["tasks"] | None = None
-    """`tasks`: the project's builtin task mixture (components/tasks.py), scored by exact match."""
+    """`tasks`: the project's builtin task mixture (components/lib/tasks.py), scored by exact match."""
+    tasks: list[BuiltinTask] | None = None
+    """Builtin only: which tasks of the mixture (default: all)."""
     n_per_task: int = Field(8, ge=1)
     """Examples per builtin task."""
     shots: int = Field(0, ge=0, le=32)
@@ -121,5 +124,3 @@ class EvaluateSpec(StepSpec):
     embeddings: EmbeddingsSpec | None = None
     """Embedding inspection (null: none)."""
 
-    def input_globs(self) -> list[str]:
-        return [t.file for t in (self.tasks.items if self.tasks else []) if t.file]

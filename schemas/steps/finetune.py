@@ -6,47 +6,11 @@ from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from ..base import ModelRef, Ref, Section, TrainingStepSpec
+from ..base import CausalModelRef, Ref, Section, TrainingStepSpec
+from ..data import SftDataSpec
 from ..peft import PeftSpec
 
-# Kept in step with components.tasks.TASKS (a test checks): schemas may not import components.
-BUILTIN_TASKS = ("copy", "reverse", "capitalize", "count", "larger", "add", "sentiment", "polite")
 TokensRef = Annotated[str, Ref("tokens")]
-
-
-class SftDataSpec(Section):
-    """Instruction data: exactly one of `files`, `builtin` or `step`."""
-
-    files: list[str] | None = None
-    """Globs of JSONL files (relative to the spec) with {prompt, completion} or {messages: [...]} rows."""
-    eval_files: list[str] | None = None
-    """Globs of held-out JSONL files in the same formats (default: eval_fraction of the training rows)."""
-    builtin: Literal["tasks"] | None = None
-    """`tasks`: the project's templated task mixture, with held-out combinations for evaluation."""
-    tasks: list[Literal[BUILTIN_TASKS]] | None = None  # type: ignore[valid-type]
-    """Subset of the builtin tasks (default: all)."""
-    n_per_task: int = Field(300, ge=1, le=1_000_000)
-    """Builtin: training examples per task."""
-    eval_per_task: int = Field(40, ge=1, le=100_000)
-    """Builtin: held-out examples per task."""
-    step: Annotated[str | None, Ref("data")] = None
-    """A step whose data output holds `sft.jsonl`."""
-    eval_fraction: float = Field(0.1, gt=0, lt=1)
-    """Share of the rows held out for evaluation when no eval_files are given (files and step data)."""
-    max_length: int = Field(256, ge=8)
-    """Tokens per example (prompt cut from the left, then the completion from the right)."""
-
-    @model_validator(mode="after")
-    def _exactly_one(self) -> "SftDataSpec":
-        given = [k for k in ("files", "builtin", "step") if getattr(self, k) is not None]
-        if len(given) != 1:
-            raise ValueError(f"give exactly one of files, builtin, step (got {', '.join(given) or 'none'})")
-        if self.eval_files is not None and self.files is None:
-            raise ValueError("eval_files goes with files")
-        builtin_only = {"tasks", "n_per_task", "eval_per_task"} & self.model_fields_set
-        if builtin_only and self.builtin is None:
-            raise ValueError(f"{', '.join(sorted(builtin_only))} apply to builtin: tasks only")
-        return self
 
 
 class TaskEvalSpec(Section):
@@ -65,10 +29,10 @@ class TaskEvalSpec(Section):
 class FinetuneSpec(TrainingStepSpec):
     """Fine-tune a causal LM on prompt/completion data (loss on the completion only), fully or with peft."""
 
-    produces: ClassVar[frozenset[str]] = frozenset({"model", "adapter", "tokenizer"})
+    produces: ClassVar[frozenset[str]] = frozenset({"model", "adapter", "tokenizer", "metrics"})
 
     kind: Literal["finetune"]
-    model: ModelRef
+    model: CausalModelRef
     """The model to fine-tune."""
     data: SftDataSpec
     """Training (and held-out) instruction data."""
@@ -96,8 +60,18 @@ class FinetuneSpec(TrainingStepSpec):
         """Whether a standalone `model` folder is written."""
         return self.peft.method != "prompt_tuning" if self.merge is None else self.merge
 
-    def input_globs(self) -> list[str]:
-        return list(self.data.files or []) + list(self.data.eval_files or [])
+    def outputs(self) -> frozenset[str]:
+        adapter = {"adapter"} if self.peft.is_adapter else set()
+        model = {"model"} if self.merged or not self.peft.is_adapter else set()
+        return frozenset(adapter | model | {"tokenizer"} | {"metrics"})
+
+    def why_no(self, output: str) -> str:
+        if output == "model":
+            return f"peft method {self.peft.method} writes an adapter only" + (
+                " (prompt tuning has no merged form)" if self.peft.method == "prompt_tuning" else "; set merge: true")
+        if output == "adapter":
+            return f"peft method {self.peft.method} trains the weights themselves, so there is no adapter"
+        return ""
 
     def plan_details(self) -> dict:
         p = self.peft

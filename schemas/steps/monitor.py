@@ -6,8 +6,8 @@ from typing import ClassVar, Literal
 
 from pydantic import Field
 
-from ..base import ModelRef, Section, StepSpec
-from .tokenize import CorpusSpec
+from ..base import CausalModelRef, Section, StepSpec
+from ..data import CorpusSpec
 
 JsonType = Literal["string", "number", "integer", "boolean", "array", "object", "null"]
 
@@ -31,7 +31,7 @@ class MonitorSpec(StepSpec):
     produces: ClassVar[frozenset[str]] = frozenset({"report"})
 
     kind: Literal["monitor"]
-    model: ModelRef
+    model: CausalModelRef
     """The model being watched, typically `models:/NAME@champion`; its tokenizer counts the tokens."""
     data: CorpusSpec
     """The new data (`files:` .jsonl/.txt globs or a `dataset`)."""
@@ -53,5 +53,3 @@ class MonitorSpec(StepSpec):
     on_drift: Literal["fail", "warn"] = "fail"
     """`fail`: a threshold crossed fails the step (and the scheduled run); `warn`: report it and finish."""
 
-    def input_globs(self) -> list[str]:
-        return [*(self.data.files or []), *(self.reference.files or [])]

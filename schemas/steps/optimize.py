@@ -6,7 +6,7 @@ from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field
 
-from ..base import ModelRef, Ref, Section, StepSpec
+from ..base import CausalModelRef, Ref, Section, StepSpec
 
 
 class PruneSpec(Section):
@@ -43,7 +43,7 @@ class OptimizeSpec(StepSpec):
     produces: ClassVar[frozenset[str]] = frozenset({"model", "quantized"})
 
     kind: Literal["optimize"]
-    model: ModelRef
+    model: CausalModelRef
     """The model to optimize (a peft adapter folder is merged into its base)."""
     adapter: Annotated[str, Ref("adapter")] | None = None
     """A step whose LoRA adapter is merged into `model` first (null: `model` is used as is)."""
@@ -53,6 +53,12 @@ class OptimizeSpec(StepSpec):
     """`int8`: dynamic int8 quantization of every Linear layer (torch.ao.quantization.quantize_dynamic)."""
     measure: MeasureSpec = MeasureSpec()
     """How the variants are compared."""
+
+    def outputs(self) -> frozenset[str]:
+        return frozenset({"model"} | ({"quantized"} if self.quantize == "int8" else set()))
+
+    def why_no(self, output: str) -> str:
+        return "quantize is none" if output == "quantized" else ""
 
     def plan_details(self) -> dict[str, str]:
         chain = (["merge adapter"] if self.adapter else []) + \

@@ -6,39 +6,12 @@ from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from ..base import ModelRef, OptimizerSpec, Ref, ScheduleSpec, Section, StepSpec
+from ..base import CausalModelRef, OptimizerSpec, Ref, ScheduleSpec, Section, StepSpec
+from ..data import PromptDataSpec
 from ..peft import PeftSpec
 
 RewardModelRef = Annotated[str | None, Ref("reward_model", external=True),
                            Field(description="A reward_model step, or a folder `./path` / `/path` / `hf:ID`.")]
-
-
-class PromptDataSpec(Section):
-    """Prompts to roll out from: exactly one of `files` or `builtin`; held-out prompts measure the result."""
-
-    files: list[str] | None = None
-    """Globs of JSONL files with rows {prompt, ...} (or chat `messages`); other fields reach reward functions."""
-    eval_files: list[str] | None = None
-    """Globs of held-out JSONL prompt files; default: hold out `eval_fraction` of the rows."""
-    builtin: Literal["tasks"] | None = None
-    """`tasks`: the prompts of the builtin task mixture, with answers for verifiable rewards."""
-    tasks: list[str] | None = None
-    """Builtin only: which tasks of the mixture (default: all)."""
-    n_per_task: int = Field(64, ge=1)
-    """Builtin only: training prompts per task (held-out: a quarter of that, at least 4)."""
-    eval_fraction: float = Field(0.1, gt=0, lt=1)
-    """Share of file rows held out when no `eval_files` are given."""
-    max_length: int = Field(128, ge=4)
-    """Prompt tokens kept (cut from the left)."""
-
-    @model_validator(mode="after")
-    def _exactly_one(self) -> "PromptDataSpec":
-        given = [k for k in ("files", "builtin") if getattr(self, k) is not None]
-        if len(given) != 1:
-            raise ValueError(f"give exactly one of files, builtin (got {', '.join(given) or 'none'})")
-        if self.eval_files is not None and self.files is None:
-            raise ValueError("eval_files goes with files")
-        return self
 
 
 class RewardFunctionSpec(Section):
@@ -72,7 +45,7 @@ class PPOSpec(StepSpec):
     trains: ClassVar[bool] = True
 
     kind: Literal["ppo"]
-    policy: ModelRef
+    policy: CausalModelRef
     """The policy to start from (usually the fine-tuned model); the frozen reference is a copy of it."""
     reward_model: RewardModelRef = None
     """Scores prompt+response; its saved reference mean is subtracted to centre rewards."""
@@ -80,7 +53,7 @@ class PPOSpec(StepSpec):
     """A verifiable reward added to (or used instead of) the reward model's score."""
     true_reward: str | None = None
     """A registered function only measured, never optimized (default: `reward.function`, else `exact_match`
-    when the prompts carry answers); model score up while this goes down is reward hacking."""
+    for the builtin prompts, which carry answers); model score up while this goes down is reward hacking."""
     prompts: PromptDataSpec
     """Where the prompts come from."""
     critic: Literal["auto", "reward_model", "value_head"] = "auto"
@@ -143,8 +116,16 @@ class PPOSpec(StepSpec):
             raise ValueError(f"rollouts ({self.rollouts}) must be at least 2 per minibatch ({self.minibatches})")
         return self
 
-    def input_globs(self) -> list[str]:
-        return list(self.prompts.files or []) + list(self.prompts.eval_files or [])
+    def outputs(self) -> frozenset[str]:
+        return frozenset({"model", "tokenizer"} | ({"adapter"} if self.peft.method == "lora" else set()))
+
+    def why_no(self, output: str) -> str:
+        return "ppo writes an adapter only with peft.method lora" if output == "adapter" else ""
+
+    def true_reward_function(self) -> str | None:
+        """The reward measured on held-out prompts (`val/true_reward`), or None when there is none."""
+        return self.true_reward or (self.reward.function if self.reward else None) or \
+            ("exact_match" if self.prompts.builtin else None)
 
     def plan_details(self) -> dict:
         return {"episodes": self.iterations * self.rollouts,

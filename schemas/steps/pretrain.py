@@ -7,6 +7,7 @@ from typing import ClassVar, Literal
 from pydantic import Field, model_validator
 
 from ..base import ModelRef, Section, TokenizerRef, TrainingStepSpec
+from ..sizing import size_model
 
 SHAPE_FIELDS = ("layers", "hidden", "heads", "intermediate")
 
@@ -104,11 +105,9 @@ class PretrainSpec(TrainingStepSpec):
         return self
 
     def sized(self):
-        """The sizing result (components.sizing.Shape), or None without `sizing:`."""
+        """The sizing result (schemas.sizing.Shape), or None without `sizing:`."""
         if self.sizing is None:
             return None
-        from components.sizing import size_model  # pure Python, no torch
-
         s = self.sizing
         return size_model(self.model.family, flops=s.flops, tokens=s.tokens, rule=s.rule,
                           tokens_per_param=s.tokens_per_param, aspect=s.aspect)

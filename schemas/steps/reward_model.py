@@ -6,18 +6,18 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from ..base import ModelRef, OptimizerSpec, TrainingStepSpec
+from ..base import CausalModelRef, OptimizerSpec, TrainingStepSpec
 from ..peft import PeftSpec
-from ..preferences import PreferenceDataSpec
+from ..data import PreferenceDataSpec
 
 
 class RewardModelSpec(TrainingStepSpec):
     """A sequence-classification head with one output, trained so that r(chosen) > r(rejected)."""
 
-    produces: ClassVar[frozenset[str]] = frozenset({"reward_model", "model", "tokenizer"})
+    produces: ClassVar[frozenset[str]] = frozenset({"reward_model", "tokenizer"})
 
     kind: Literal["reward_model"]
-    model: ModelRef
+    model: CausalModelRef
     """The model to start from (usually the fine-tuned policy); its LM head is replaced by a score head."""
     data: PreferenceDataSpec
     """Where the preference pairs come from."""
@@ -42,5 +42,3 @@ class RewardModelSpec(TrainingStepSpec):
             raise ValueError(f"peft.method: reward models support full, lora or bitfit, got {self.peft.method!r}")
         return self
 
-    def input_globs(self) -> list[str]:
-        return list(self.data.files or []) + list(self.data.eval_files or [])

@@ -6,45 +6,11 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from ..base import Section, StepSpec
+from ..base import StepSpec
+from ..data import CorpusSpec
 
 
-BYTE_LEVEL_BASE = 256 + 5  # every byte, plus <s> </s> <unk> <pad> <mask>
-
-
-class DatasetSource(Section):
-    """A corpus read through the `datasets` library (a local folder works offline)."""
-
-    path: str
-    """Dataset name on the hub, a loader name (`json`, `text`) or a local folder."""
-    name: str | None = None
-    """Dataset configuration name."""
-    split: str = "train"
-    """Split to read."""
-    text_field: str = "text"
-    """Column holding the text."""
-    data_files: list[str] | None = None
-    """Files for loader names such as `json` or `text`."""
-
-
-class CorpusSpec(Section):
-    """Where the text comes from: exactly one of `builtin`, `files` or `dataset`."""
-
-    builtin: Literal["pydoc"] | None = None
-    """A corpus that ships with Python: `pydoc` is the pydoc topics (~465 KB of English)."""
-    files: list[str] | None = None
-    """Globs of .txt files (documents separated by blank lines) or .jsonl files, relative to the spec."""
-    text_field: str = "text"
-    """Field holding the text in .jsonl rows."""
-    dataset: DatasetSource | None = None
-    """A `datasets` source."""
-
-    @model_validator(mode="after")
-    def _exactly_one(self) -> "CorpusSpec":
-        given = [k for k in ("builtin", "files", "dataset") if getattr(self, k) is not None]
-        if len(given) != 1:
-            raise ValueError(f"give exactly one of builtin, files, dataset (got {', '.join(given) or 'none'})")
-        return self
+BYTE_LEVEL_BASE = 256 + 4  # every byte, plus </s> (BOS and EOS), <unk>, <pad>, <mask>
 
 
 class TokenizeSpec(StepSpec):
@@ -70,8 +36,6 @@ class TokenizeSpec(StepSpec):
     def _room_for_merges(self) -> "TokenizeSpec":
         if self.algorithm == "bpe" and self.vocab_size < BYTE_LEVEL_BASE:
             raise ValueError(f"vocab_size {self.vocab_size} is too small for byte-level BPE: its 256 byte tokens "
-                             f"and 5 special tokens come first; use at least {BYTE_LEVEL_BASE}")
+                             f"and 4 special tokens come first; use at least {BYTE_LEVEL_BASE}")
         return self
 
-    def input_globs(self) -> list[str]:
-        return list(self.corpus.files or []) + list((self.corpus.dataset and self.corpus.dataset.data_files) or [])

@@ -11,13 +11,14 @@ import torch
 
 from components import constitutional as cai
 from components.constitutional import rl, transcripts as T
+from components.lib import assets
 from schemas.constitution import load_constitution
 from schemas.steps.constitutional import ConstitutionalSpec, FeedbackSpec
-from tests.conftest import finish, make_ctx
+from tests.conftest import check_contract, finish, make_ctx
 
 
 def test_principles_are_drawn_uniformly():
-    principles = load_constitution().principles
+    principles = load_constitution(assets.path("constitution.yaml")).principles
     counts = collections.Counter(p.name for p in T.draw_principles(random.Random(0), principles, 16000))
     expected = 16000 / len(principles)
     chi2 = sum((counts[p.name] - expected) ** 2 / expected for p in principles)
@@ -26,7 +27,7 @@ def test_principles_are_drawn_uniformly():
 
 
 def test_sft_targets_hold_no_critique_and_halves_are_disjoint():
-    c = load_constitution()
+    c = load_constitution(assets.path("constitution.yaml"))
     rows = []
     for i in range(10):
         p = c.principles[i % len(c.principles)]
@@ -80,7 +81,7 @@ def test_swapping_a_and_b_flips_the_label_for_a_position_free_judge(tiny_lm):
     good, bad = "please please shut it", "shut it please"
     pa, pa_swapped = rl.judge(judge, tok, [text(good, bad), text(bad, good)], fb.options)
     assert pa == pytest.approx(1 / (1 + math.exp(-1))) and pa_swapped == pytest.approx(1 - pa)
-    principles = load_constitution().principles[:1]
+    principles = load_constitution(assets.path("constitution.yaml")).principles[:1]
     items = [{"prompt": "x", "first": good, "second": bad, "reference": True} for _ in range(40)]
     rows = rl.label_pairs(judge, tok, items, principles, fb, seed=0)
     assert {r["first_shown_as"] for r in rows} == {"A", "B"}  # the order is randomised ...
@@ -113,6 +114,7 @@ def test_step_runs_end_to_end_and_its_data_feeds_dpo(tiny_lm, tmp_path):
                               peft={"method": "lora", "r": 4}, batch_size=4, max_steps=3, val_every=3, val_batches=1)
     ctx = make_ctx(tmp_path, name="cai", kind="constitutional")
     out = cai.run(spec, ctx)
+    check_contract(spec, out)
     result = finish(ctx, out)
     data = result.path("data")
     rows = [json.loads(line) for line in (data / "cai.jsonl").read_text().splitlines()]

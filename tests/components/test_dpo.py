@@ -8,7 +8,7 @@ import torch
 
 from components import dpo
 from schemas.steps.dpo import DpoSpec
-from tests.conftest import finish, make_ctx
+from tests.conftest import check_contract, finish, make_ctx
 
 
 def test_loss_is_ln2_when_policy_equals_reference_and_soft_labels_flip():
@@ -64,8 +64,10 @@ def test_dpo_step_learns_preferences_and_saves_loadable_models(tiny_lm, tmp_path
     ctx = make_ctx(tmp_path, name="dpo", kind="dpo")
     out = dpo.run(spec, ctx)
     m = out.metrics
+    check_contract(spec, out)
+    assert m["before/val/loss"] == pytest.approx(math.log(2), abs=1e-5)
     assert m["val/loss"] < math.log(2) - 0.05  # started at ln 2 (LoRA starts as the reference)
-    assert m["eval/rewards/accuracy"] > 0.6 and m["eval/rewards/margin"] > 0
+    assert m["val/rewards/accuracy"] > 0.6 and m["val/rewards/margin"] > 0
     result = finish(ctx, out)
     merged = AutoModelForCausalLM.from_pretrained(result.path("model"))
     adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_lm), result.path("adapter"))
@@ -80,14 +82,14 @@ def test_full_weights_use_a_frozen_copy_and_step_data_with_soft_labels(tiny_lm, 
     rows = [{"prompt": f"Ask {i}.", "chosen": " Please do it, thank you.", "rejected": " Do it now.",
              "score": 0.9} for i in range(24)]
     (data / "preferences.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    from components.context import StepResult
+    from components.lib.context import StepResult
 
     upstream = {"cai": StepResult(name="cai", kind="constitutional", fingerprint="f", dir=tmp_path / "prefs",
                                   outputs={"data": "data"}, metrics={})}
     spec = DpoSpec(kind="dpo", model=str(tiny_lm), data={"step": "cai", "max_length": 32}, peft={"method": "full"},
                    optimizer={"lr": 1e-3}, batch_size=8, max_steps=6, val_every=6, val_batches=1)
-    policy, reference = dpo.load_policy_and_reference(spec, make_ctx(tmp_path, upstream=upstream), None)
+    policy, reference, _ = dpo.load_policy_and_reference(spec, make_ctx(tmp_path, upstream=upstream))
     assert reference is not None and not any(p.requires_grad for p in reference.parameters())
     out = dpo.run(spec, make_ctx(tmp_path, name="dpo_full", kind="dpo", upstream=upstream))
-    assert out.metrics["eval/rewards/margin"] > 0
+    assert out.metrics["val/rewards/margin"] > 0
     assert set(out.outputs) == {"model", "tokenizer"}

@@ -8,7 +8,8 @@ import math
 import pytest
 import torch
 
-from conftest import make_ctx
+from conftest import check_contract, make_ctx
+from schemas.steps.evaluate import EvaluateSpec
 
 
 def evaluate(tmp_path, upstream, **kw):
@@ -20,27 +21,27 @@ def evaluate(tmp_path, upstream, **kw):
     return ctx, component.run(spec, ctx)
 
 
-def test_scores_held_out_tokens_like_the_model_loss(tmp_path, tokenized, tiny_lm):
-    from components.data import read_tokens
-    from transformers import AutoModelForCausalLM
+def test_scores_every_held_out_token_of_the_first_windows_and_every_text_token(tmp_path, tokenized, tiny_lm):
+    from components.lib import scoring
+    from components.lib.models import load_model
 
-    ctx, out = evaluate(tmp_path, {"tokenizer": tokenized}, model=str(tiny_lm), tokens="tokenizer", context=64,
-                        batch_size=4, max_batches=2, texts=["The if statement is used for conditional execution."])
+    text = "The if statement is used for conditional execution."
+    spec_kw = dict(model=str(tiny_lm), tokens="tokenizer", context=64, batch_size=4, max_batches=2, texts=[text])
+    ctx, out = evaluate(tmp_path, {"tokenizer": tokenized}, **spec_kw)
     m = out.metrics
+    check_contract(EvaluateSpec(kind="evaluate", **spec_kw), out)
     assert json.loads((ctx.out_dir / "metrics.json").read_text()) == m
-    assert m["val/tokens"] == 8 * 63 and m["val/perplexity"] == pytest.approx(math.exp(m["val/loss"]))
+    model, tok = load_model(tiny_lm)
+    windows = scoring.heldout_windows(tokenized.path("tokens"), tok, 64, limit=8)
+    assert m["val/tokens"] == sum(len(w.targets) for w in windows)  # 2 batches x 4 windows, all their tokens
+    assert m["val/perplexity"] == pytest.approx(math.exp(m["val/loss"]))
     assert 0 <= m["val/next_token_top1"] <= m["val/next_token_top5"] <= 1
     assert 100 < m["val/perplexity"] < 2000  # an untrained model is close to uniform over 512 tokens
-    ids = torch.as_tensor(read_tokens(tokenized.path("tokens"), "val")[:8 * 64].astype("int64")).view(8, 64)
-    model = AutoModelForCausalLM.from_pretrained(tiny_lm)
-    with torch.no_grad():
-        expected = model(input_ids=ids, labels=ids).loss.item()  # the CLM loss, shifted inside the model
-    assert m["val/loss"] == pytest.approx(expected, rel=1e-4)
-    assert "texts/perplexity" in m
+    assert m["texts/tokens"] == len(tok(text, add_special_tokens=False)["input_ids"]) + 1  # and its EOS
 
 
 def test_masked_model_reports_masked_token_accuracy(tmp_path, tokenized):
-    from components.models import build_model, load_tokenizer
+    from components.lib.models import build_model, load_tokenizer
     from schemas.steps.pretrain import ModelSpec
 
     tok = load_tokenizer(str(tokenized.path("tokenizer")))
@@ -54,8 +55,8 @@ def test_masked_model_reports_masked_token_accuracy(tmp_path, tokenized):
 
 
 def test_prompted_tasks_choice_exact_match_and_few_shot(tmp_path, tokenized, tiny_lm):
-    from components.evaluate.prompted import continuation_logprob
-    from components.models import load_causal_lm, load_tokenizer
+    from components.lib.evaluation import continuation_logprob
+    from components.lib.models import load_model
 
     (tmp_path / "arith.jsonl").write_text("\n".join(json.dumps(r) for r in [
         {"prompt": "1 + 1 =", "answer": " 2"}, {"prompt": "2 + 2 =", "answer": " 4"},
@@ -68,9 +69,9 @@ def test_prompted_tasks_choice_exact_match_and_few_shot(tmp_path, tokenized, tin
     ctx, out = evaluate(tmp_path, {}, model=str(tiny_lm), tasks={"items": [choice, exact], "shots": 1})
     rows = [json.loads(line) for line in (ctx.out_dir / "tasks.jsonl").read_text().splitlines()]
     assert {r["task"] for r in rows} == {"colour", "arith"} and len(rows) == 6
-    assert out.metrics["tasks/accuracy"] == pytest.approx(sum(r["correct"] for r in rows) / 6)
+    assert out.metrics["tasks/1shot/accuracy"] == pytest.approx(sum(r["correct"] for r in rows) / 6)
     # the choice picked is the one with the highest log-likelihood after the one-shot prefix
-    model, tok = load_causal_lm(str(tiny_lm)), load_tokenizer(str(tiny_lm))
+    model, tok = load_model(tiny_lm)
     prefix = "Grass is green\n\n"  # shot = the next example, never the question itself
     scores = {c: continuation_logprob(model, tok, prefix + "The sky is", c) for c in (" blue", " loud")}
     assert rows[0]["prediction"] == max(scores, key=scores.get)
@@ -78,17 +79,17 @@ def test_prompted_tasks_choice_exact_match_and_few_shot(tmp_path, tokenized, tin
 
 
 def test_builtin_task_mixture(tmp_path, tiny_lm):
-    pytest.importorskip("components.tasks")
-    from components import tasks
+    pytest.importorskip("components.lib.tasks")
+    from components.lib import tasks
 
     _, out = evaluate(tmp_path, {}, model=str(tiny_lm), tasks={"builtin": "tasks", "n_per_task": 2, "shots": 2})
-    assert {f"task/{t}/accuracy" for t in tasks.TASKS} <= set(out.metrics)
+    assert {f"tasks/2shot/{t}" for t in tasks.TASKS} | {"tasks/2shot/accuracy"} <= set(out.metrics)
 
 
 def test_generation_table_and_embeddings(tmp_path, tiny_lm):
-    from components.models import load_causal_lm, load_tokenizer
+    from components.lib.models import load_model
 
-    model, tok = load_causal_lm(str(tiny_lm)), load_tokenizer(str(tiny_lm))
+    model, tok = load_model(tiny_lm)
     ids = tok(" the", add_special_tokens=False)["input_ids"]
     twin = 300  # make token 300 point the same way as " the": it must come out as the nearest neighbour
     with torch.no_grad():
@@ -107,12 +108,12 @@ def test_generation_table_and_embeddings(tmp_path, tiny_lm):
 
 
 def test_tasks_on_a_masked_model_say_so(tmp_path, tokenized):
-    from components.models import build_model, load_tokenizer
+    from components.lib.models import build_model, load_tokenizer
     from schemas.steps.pretrain import ModelSpec
 
     tok = load_tokenizer(str(tokenized.path("tokenizer")))
     folder = tmp_path / "bert"
     build_model(ModelSpec(family="bert", layers=1, hidden=32, heads=2), tok, "masked").save_pretrained(folder)
     tok.save_pretrained(folder)
-    with pytest.raises(ValueError, match="needs a causal model"):
+    with pytest.raises(ValueError, match="is a masked LM: tasks and generation need a causal model"):
         evaluate(tmp_path, {}, model=str(folder), generation={"prompts": ["x"]})

@@ -9,20 +9,21 @@ import pytest
 import torch
 
 from components import finetune
-from components.sft import encode
+from components.lib.text import encode_completion
 from schemas.steps.finetune import FinetuneSpec
-from tests.conftest import finish, make_ctx
+from tests.conftest import check_contract, finish, make_ctx
 
 TINY = dict(max_steps=12, batch_size=8, val_every=6, val_batches=1, optimizer={"lr": 3e-2})
 
 
 def completion_loss(model, tok) -> float:
     """Loss on completion tokens of the builtin copy/sentiment training rows."""
-    from components.sft import collate
-    from components.tasks import make_examples
+    from components.lib.sft import collate
+    from components.lib.tasks import make_examples
 
     rows = make_examples(0, "train", 16, ["copy", "sentiment"])
-    batch = collate([encode(tok, r["prompt"], r["completion"], 64) for r in rows], tok.pad_token_id)
+    encoded = [encode_completion(tok, r["prompt"], r["completion"], 64) for r in rows]
+    batch = collate([(p + c, [-100] * len(p) + c) for p, c in encoded], tok.pad_token_id)
     with torch.no_grad():
         return float(model.eval()(**batch).loss)
 
@@ -42,9 +43,10 @@ def test_lora_on_builtin_tasks_trains_saves_and_reports(tmp_path, tiny_lm, token
                    evaluation={"shots": 1, "perplexity_batches": 1})
     out = finetune.run(spec, ctx)
     m = out.metrics
+    check_contract(spec, out)
     assert 0 < m["params/trainable"] < m["params/total"]
-    for key in ("tasks/base/0shot/accuracy", "tasks/tuned/1shot/copy", "forgetting/perplexity_delta",
-                "tasks/gain/0shot/sentiment"):
+    for key in ("before/tasks/0shot/accuracy", "tasks/1shot/copy", "forgetting/perplexity_delta",
+                "gain/tasks/0shot/sentiment"):
         assert key in m
     assert json.loads((ctx.out_dir / "metrics.json").read_text())["params/trainable"] == m["params/trainable"]
     result = finish(ctx, out)
@@ -57,9 +59,19 @@ def test_lora_on_builtin_tasks_trains_saves_and_reports(tmp_path, tiny_lm, token
     assert completion_loss(merged, tok) < completion_loss(AutoModelForCausalLM.from_pretrained(tiny_lm), tok) - 0.1
     assert AutoTokenizer.from_pretrained(result.path("model")).eos_token == "</s>"
 
+    # the same model on the same builtin tasks: evaluate reports what finetune reported
+    from components import evaluate
+    from schemas.steps.evaluate import EvaluateSpec
+
+    ev_ctx = make_ctx(tmp_path, name="ev", kind="evaluate", upstream={"sft": result})
+    tasks = {"builtin": "tasks", "tasks": ["copy", "sentiment"], "n_per_task": 4, "shots": 1}
+    scored = evaluate.run(EvaluateSpec(kind="evaluate", model="sft", tasks=tasks), ev_ctx).metrics
+    assert {k: v for k, v in scored.items() if k.startswith("tasks/")} == \
+        {k: v for k, v in m.items() if k.startswith("tasks/1shot/")}
+
 
 def test_jsonl_messages_and_step_data_full_finetune(tmp_path, tiny_lm):
-    from components.context import StepResult
+    from components.lib.context import StepResult
 
     rows = [{"messages": [{"role": "user", "content": f"say {w}"}, {"role": "assistant", "content": w}]}
             for w in ("yes", "no", "maybe", "never")] * 4
@@ -80,18 +92,20 @@ def test_jsonl_messages_and_step_data_full_finetune(tmp_path, tiny_lm):
     assert [m.source_run_id for m in client.search_logged_models([experiment])] == [ctx.run_id]  # the model
     assert client.get_run(ctx.run_id).data.tags["llmcycle.peft_method"] == "full"
     assert out.metrics["params/trainable"] == out.metrics["params/total"]
-    assert out.metrics["train/loss"] < 5.0 and "tasks/tuned/0shot/accuracy" in out.metrics
+    assert out.metrics["train/loss"] < 5.0 and "tasks/0shot/accuracy" in out.metrics
 
 
 def test_completion_only_labels(tiny_lm):
     from transformers import AutoTokenizer
 
+    from components.lib.sft import encode_rows
+
     tok = AutoTokenizer.from_pretrained(tiny_lm)
-    ids, labels = encode(tok, "Copy: cat dog\nAnswer:", " cat dog\n", max_length=64)
+    [(ids, labels)] = encode_rows([{"prompt": "Copy: cat dog\nAnswer:", "completion": " cat dog\n"}], tok, 64)
     n_prompt = len(tok("Copy: cat dog\nAnswer:", add_special_tokens=False)["input_ids"])
     assert labels[:n_prompt] == [-100] * n_prompt and labels[n_prompt:] == ids[n_prompt:]
     assert ids[-1] == tok.eos_token_id
-    ids, labels = encode(tok, "long prompt " * 50, " yes", max_length=16)
+    [(ids, labels)] = encode_rows([{"prompt": "long prompt " * 50, "completion": " yes"}], tok, 16)
     assert len(ids) == 16 and labels[-1] == tok.eos_token_id
 
 

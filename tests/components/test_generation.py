@@ -10,17 +10,17 @@ PROMPTS = ["The for statement", "A class", ""]
 
 @pytest.fixture(scope="module")
 def lm(tiny_lm):
-    from components.models import load_causal_lm, load_tokenizer
+    from components.lib.models import load_model
 
     torch.manual_seed(1)
-    model = load_causal_lm(str(tiny_lm))
+    model, tokenizer = load_model(tiny_lm)
     with torch.no_grad():  # sharpen the random model so that its greedy choices are not near-ties
         model.lm_head.weight.mul_(40)
-    return model, load_tokenizer(str(tiny_lm))
+    return model, tokenizer
 
 
 def test_greedy_top_k_1_and_one_beam_agree(lm):
-    from components.generation import generate_texts
+    from components.lib.generation import generate_texts
 
     model, tok = lm
     greedy = generate_texts(model, tok, PROMPTS, "greedy", max_new_tokens=8)
@@ -31,7 +31,7 @@ def test_greedy_top_k_1_and_one_beam_agree(lm):
 
 
 def test_batched_left_padding_matches_one_by_one(lm):
-    from components.generation import generate_texts
+    from components.lib.generation import generate_texts
 
     model, tok = lm
     batched = generate_texts(model, tok, PROMPTS, "greedy", max_new_tokens=6)
@@ -39,7 +39,7 @@ def test_batched_left_padding_matches_one_by_one(lm):
 
 
 def test_top_k_vocab_and_top_p_1_change_nothing(lm):
-    from components.generation import generate_texts
+    from components.lib.generation import generate_texts
 
     model, tok = lm
     plain = generate_texts(model, tok, PROMPTS, "sample", max_new_tokens=8, seed=7)
@@ -49,7 +49,7 @@ def test_top_k_vocab_and_top_p_1_change_nothing(lm):
 
 
 def test_beam_with_length_penalty_0_scores_the_raw_sum_of_log_probs(lm):
-    from components.generation import generate_ids
+    from components.lib.generation import generate_ids
 
     model, tok = lm
     out, batch = generate_ids(model, tok, ["The for statement"], "beam", max_new_tokens=6, num_beams=3,
@@ -65,7 +65,7 @@ def test_beam_with_length_penalty_0_scores_the_raw_sum_of_log_probs(lm):
 
 
 def test_unknown_strategy_and_bad_options_name_the_field():
-    from components.generation import decoding_kwargs
+    from components.lib.generation import decoding_kwargs
 
     with pytest.raises(ValueError, match="unknown decoding strategy 'nucleus'.*top_p"):
         decoding_kwargs("nucleus")

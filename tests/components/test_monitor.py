@@ -9,7 +9,7 @@ import pytest
 
 from components import monitor
 from schemas.steps.monitor import MonitorSpec
-from tests.conftest import make_ctx
+from tests.conftest import check_contract, make_ctx
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +18,7 @@ def pydoc_lm(tiny_lm, tokenized, tmp_path_factory):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from components.data import read_tokens
+    from components.lib.tokens import read_tokens
 
     train = read_tokens(tokenized.path("tokens"), "train")
     tokens = torch.from_numpy(train[:len(train) // 64 * 64].astype("int64")).view(-1, 64)
@@ -53,7 +53,9 @@ def check(tmp_path, model, data_rows, **fields):
     spec = MonitorSpec(kind="monitor", model=str(model), data={"files": ["new.jsonl"]},
                        reference={"files": ["reference.jsonl"]}, context=64, windows=8, **fields)
     ctx = make_ctx(tmp_path, name="drift", kind="monitor")
-    return monitor.run(spec, ctx), ctx
+    out = monitor.run(spec, ctx)
+    check_contract(spec, out)
+    return out, ctx
 
 
 def test_same_distribution_passes(tmp_path, pydoc_lm):
@@ -109,7 +111,7 @@ def test_compares_with_the_registered_versions_own_validation_perplexity(tmp_pat
     from mlflow.tracking import MlflowClient
 
     from components import register
-    from components.context import StepResult
+    from components.lib.context import StepResult
     from schemas.steps.register import RegisterSpec
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

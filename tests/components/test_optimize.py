@@ -6,8 +6,10 @@ import pytest
 import torch
 
 from components import optimize
+from components.lib.models import load_model
+from components.lib.peft import sparsity_of
 from schemas.steps.optimize import OptimizeSpec
-from tests.conftest import finish, make_ctx
+from tests.conftest import check_contract, finish, make_ctx
 
 MEASURE = {"tokens": "tokenizer", "context": 32, "batches": 2, "batch_size": 4, "new_tokens": 8, "repeats": 1}
 
@@ -18,7 +20,7 @@ def adapter(tiny_lm, tmp_path_factory):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from components.context import StepResult
+    from components.lib.context import StepResult
 
     torch.manual_seed(0)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_lm), LoraConfig(r=4, lora_alpha=8))
@@ -36,6 +38,7 @@ def test_merge_prune_quantize_and_measure(tmp_path, tiny_lm, tokenized, adapter)
                         measure=MEASURE)
     ctx = make_ctx(tmp_path, name="opt", kind="optimize", upstream={"sft": sft, "tokenizer": tokenized})
     out = optimize.run(spec, ctx)
+    check_contract(spec, out)
     result = finish(ctx, out)
 
     m = out.metrics
@@ -49,9 +52,9 @@ def test_merge_prune_quantize_and_measure(tmp_path, tiny_lm, tokenized, adapter)
 
     ids = torch.tensor([[1, 5, 9, 14, 20, 33]])
     pruned = AutoModelForCausalLM.from_pretrained(result.path("model")).eval()
-    assert optimize.sparsity(pruned) == pytest.approx(0.5, abs=0.01)
+    assert sparsity_of(pruned) == pytest.approx(0.5, abs=0.01)
     assert not (result.path("model") / "adapter_config.json").exists()
-    qmodel, tokenizer = optimize.load_quantized(result.path("quantized"))
+    qmodel, tokenizer = load_model(result.path("quantized"))
     with torch.no_grad():
         float_logits, int8_logits = pruned(ids).logits, qmodel(ids).logits
     assert any("quantized" in type(mod).__module__ for mod in qmodel.modules())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from components.peft_methods import apply_peft, is_bitfit_param, save_outputs, sparsity_of
+from components.lib.peft import apply_peft, is_bitfit_param, save_outputs, sparsity_of
 from schemas.peft import PeftSpec
 
 

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from components import ppo
-from components.reward_model import load_reward_model, save_reward_model
+from components.lib.rewards import load_reward_model
+from components.reward_model import save_reward_model
 from schemas.steps.ppo import PPOSpec
-from tests.conftest import finish, make_ctx
+from tests.conftest import check_contract, finish, make_ctx
 
 TINY = dict(iterations=2, rollouts=8, epochs=2, minibatches=2, max_new_tokens=6, eval_samples=4)
 
@@ -25,9 +26,9 @@ def test_full_policy_with_verifiable_reward(tiny_lm, tmp_path):
     out = ppo.run(spec, ctx)
     first = out.info  # the module's diagnostics are in the metrics; the first minibatch is checked below
     m = out.metrics
-    assert m["eval/initial_kl"] == 0  # the policy is its own reference before any update
+    assert m["before/val/kl"] == 0  # the policy is its own reference before any update
     assert {"reward/mean", "ppo/kl", "ppo/entropy", "ppo/clipfrac", "ppo/approx_kl", "ppo/explained_variance",
-            "ppo/response_length", "reward/true_reward", "eval/final_true_reward"} <= set(m)
+            "ppo/response_length", "reward/true_reward", "val/true_reward"} <= set(m)
     assert first["iterations"] == 2
     before = AutoModelForCausalLM.from_pretrained(tiny_lm).state_dict()
     after = AutoModelForCausalLM.from_pretrained(finish(ctx, out).path("model")).state_dict()
@@ -67,11 +68,12 @@ def test_lora_policy_with_reward_model_critic_and_jsonl_prompts(tiny_lm, tmp_pat
         {"prompt": "Larger: 12 or 40\nAnswer:", "answer": "40"}, {"prompt": "Reverse: a b\nAnswer:", "answer": "b a"}]))
     spec = PPOSpec(kind="ppo", policy=str(tiny_lm), reward_model=str(tmp_path / "rm"),
                    prompts={"files": ["prompts.jsonl"], "eval_fraction": 0.25}, peft={"method": "lora", "r": 4},
-                   kl={"estimator": "k3", "target": 1.0}, optimizer={"lr": 1e-3}, **TINY)
+                   kl={"estimator": "k3", "target": 1.0}, optimizer={"lr": 1e-3}, true_reward="exact_match", **TINY)
     ctx = make_ctx(tmp_path, name="ppo", kind="ppo")
     out = ppo.run(spec, ctx)
-    assert out.metrics["eval/initial_kl"] == 0  # LoRA starts at B = 0: adapters disabled = enabled
-    assert "reward/model_score" in out.metrics and "eval/final_true_reward" in out.metrics  # exact_match measured
+    check_contract(spec, out)
+    assert out.metrics["before/val/kl"] == 0  # LoRA starts at B = 0: adapters disabled = enabled
+    assert "reward/model_score" in out.metrics and "val/true_reward" in out.metrics  # exact_match measured
     assert out.metrics["ppo/beta"] != 0.05  # the adaptive controller moved β
     res = finish(ctx, out)
     base = AutoModelForCausalLM.from_pretrained(tiny_lm)
@@ -107,6 +109,6 @@ def test_schema_errors():
         PPOSpec(kind="ppo", policy="sft", prompts={"builtin": "tasks"}, reward={"function": "exact_match"},
                 critic="reward_model")
     with pytest.raises(KeyError, match="did you mean 'exact_match'"):
-        from components.rewards import get_reward
+        from components.lib.rewards import get_reward
 
         get_reward("exact_mach")

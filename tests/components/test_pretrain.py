@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from tests.conftest import make_ctx
+from tests.conftest import check_contract, make_ctx
 
 TINY = {"family": "llama", "layers": 2, "hidden": 32, "heads": 2, "context": 64}
 
@@ -32,9 +32,10 @@ def test_causal_pretrain_learns_and_saves_a_standard_model(tmp_path, tokenized):
 
     ctx, out = run_pretrain(tmp_path, tokenized)
     m = out.metrics
-    assert m["val/loss"] < m["val/loss_initial"] - 0.2, m
+    check_contract(pretrain_spec(), out)
+    assert m["val/loss"] < m["before/val/loss"] - 0.2, m
     assert m["val/perplexity"] == pytest.approx(math.exp(m["val/loss"]))
-    assert m["steps"] == 30 and m["tokens_seen"] == 30 * 8 * 64
+    assert m["train/steps"] == 30 and m["train/tokens"] == 30 * 8 * 64
     folder = ctx.out_dir / out.outputs["model"]
     assert (folder / "model.safetensors").is_file()
     model = AutoModelForCausalLM.from_pretrained(folder)
@@ -52,14 +53,15 @@ def test_masked_pretrain_learns_and_loads_as_masked_lm(tmp_path, tokenized):
 
     ctx, out = run_pretrain(tmp_path, tokenized, objective="masked", model={**TINY, "family": "bert"},
                             optimizer={"lr": 5e-3})
-    assert out.metrics["val/loss"] < out.metrics["val/loss_initial"] - 0.2, out.metrics
+    check_contract(pretrain_spec(objective="masked", model={**TINY, "family": "bert"}), out)
+    assert out.metrics["val/loss"] < out.metrics["before/val/loss"] - 0.2, out.metrics
     model = AutoModelForMaskedLM.from_pretrained(ctx.out_dir / "model")
     assert model.config.model_type == "bert"
 
 
 def test_masking_selects_15_percent_of_non_special_tokens_80_10_10(tokenized):
-    from components.models import load_tokenizer
-    from components.pretrain import make_collator, mask_tokens
+    from components.lib.models import load_tokenizer
+    from components.lib.scoring import make_collator, mask_tokens
 
     tok = load_tokenizer(str(tokenized.path("tokenizer")))
     special_ids = torch.tensor(sorted(tok.all_special_ids))
@@ -87,7 +89,7 @@ def test_nan_loss_stops_with_step_and_global_step(tmp_path, tokenized):
 def test_same_seed_gives_identical_metrics(tmp_path, tokenized):
     _, a = run_pretrain(tmp_path / "a", tokenized, max_steps=10, val_every=5)
     _, b = run_pretrain(tmp_path / "b", tokenized, max_steps=10, val_every=5)
-    keep = ("val/loss", "val/loss_initial", "train/loss")
+    keep = ("val/loss", "before/val/loss", "train/loss")
     assert {k: a.metrics[k] for k in keep} == {k: b.metrics[k] for k in keep}
 
 
@@ -95,7 +97,7 @@ def test_init_from_local_folder_continues_training(tmp_path, tokenized, tiny_lm)
     from transformers import AutoModelForCausalLM
 
     ctx, out = run_pretrain(tmp_path, tokenized, model=None, init_from=str(tiny_lm), max_steps=15)
-    assert out.metrics["val/loss"] < out.metrics["val/loss_initial"]
+    assert out.metrics["val/loss"] < out.metrics["before/val/loss"]
     before = AutoModelForCausalLM.from_pretrained(tiny_lm).state_dict()
     after = AutoModelForCausalLM.from_pretrained(ctx.out_dir / "model").state_dict()
     assert after.keys() == before.keys()
@@ -112,7 +114,7 @@ def test_sizing_builds_the_chosen_shape_and_token_budget(tmp_path, tokenized):
     assert 40960 / 20 / 2 < shape.params < 2 * 40960 / 20  # rounded to a shape with hidden >= 16
     ctx, out = run_pretrain(tmp_path, tokenized, model=model, max_steps=None, sizing={"tokens": 40960})
     assert out.metrics["params/non_embedding"] >= shape.params  # plus norms
-    assert out.metrics["tokens_seen"] == 40960  # 80 steps of 8 x 64
+    assert out.metrics["train/tokens"] == 40960  # 80 steps of 8 x 64
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(ctx.out_dir / "model")

@@ -94,7 +94,7 @@ def test_step_killed_by_the_oom_killer_is_reported_and_the_rerun_resumes_to_the_
     assert f"lm: resuming from {ckpts[0]}" in out
     resumed = [r for r in map(lambda p: json.loads(Path(p).read_text()),
                               glob.glob(str(tmp_path / "work" / "lm" / "*" / "result.json")))
-               if r["metrics"]["steps"] == STEP["max_steps"]]
+               if r["metrics"]["train/steps"] == STEP["max_steps"]]
     assert len(resumed) == 1
 
     ctx = make_ctx(tmp_path / "reference", name="lm", kind="pretrain", upstream={"tok": tokenized})
@@ -102,7 +102,7 @@ def test_step_killed_by_the_oom_killer_is_reported_and_the_rerun_resumes_to_the_
                                           **STEP), ctx)
     got, want = resumed[0]["metrics"]["val/loss"], reference.metrics["val/loss"]
     assert abs(got - want) / want < 0.01, (got, want)
-    assert want < reference.metrics["val/loss_initial"] - 0.5
+    assert want < reference.metrics["before/val/loss"] - 0.5
 
 
 @pytest.mark.slow
@@ -121,7 +121,7 @@ def test_quickstart_pretrain_and_evaluate_through_the_flow(tmp_path, monkeypatch
                  "--set", "steps.base.val_every=30", "--set", "steps.base_eval.generation.max_new_tokens=8"]) == 0
     base, evaluated = result_of(tmp_path / "runs", "base"), result_of(tmp_path / "runs", "base_eval")
     m = base["metrics"]
-    assert m["val/perplexity_initial"] / m["val/perplexity"] > 5, m
+    assert m["before/val/perplexity"] / m["val/perplexity"] > 5, m
     assert evaluated["metrics"]["val/perplexity"] == pytest.approx(m["val/perplexity"], rel=0.02)
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
     [run] = client.search_runs(client.get_experiment_by_name("quickstart").experiment_id,

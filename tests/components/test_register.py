@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from components.context import StepResult
+from components.lib.context import StepResult
 from schemas.steps.register import RegisterSpec
 from tests.conftest import REPO, make_ctx
 
@@ -21,7 +21,7 @@ steps:
     model: ./model
     name: gated-lm
     gate:
-      - tokenizer.vocab_size > 10
+      - tokenizer.data/vocab_size > 10
       - {condition}
 """
 
@@ -30,7 +30,7 @@ def test_gate_syntax_error_names_the_condition_line(write_spec):
     import schemas
 
     with pytest.raises(schemas.SpecError) as err:
-        schemas.load(write_spec(SPEC.replace("{condition}", "tokenizer.vocab_size => 3")))
+        schemas.load(write_spec(SPEC.replace("{condition}", "tokenizer.data/vocab_size => 3")))
     problem, = err.value.problems
     assert (problem.line, problem.path) == (13, "steps.release.gate[1]")
     assert "unknown comparison" in problem.message
@@ -44,8 +44,20 @@ def test_gate_steps_are_dependencies_with_did_you_mean(write_spec):
         schemas.load(write_spec(SPEC.replace("{condition}", "tokeniser.val/perplexity < 40")))
     assert "no step named 'tokeniser' (did you mean 'tokenizer'?)" in str(err.value)
     assert ":13:" in str(err.value)
-    loaded = schemas.load(write_spec(SPEC.replace("{condition}", "tokenizer.val/ppl < tokenizer.x * 1.5")))
+    loaded = schemas.load(write_spec(SPEC.replace("{condition}",
+                                                  "tokenizer.val/tokens < tokenizer.train/tokens * 1.5")))
     assert dependencies(loaded.spec, "release") == ["tokenizer"]
+
+
+def test_a_gate_on_a_metric_its_step_will_not_emit_is_a_spec_error(write_spec):
+    import schemas
+
+    with pytest.raises(schemas.SpecError) as err:
+        schemas.load(write_spec(SPEC.replace("{condition}", "tokenizer.val/perplexity < 40")))
+    [problem] = err.value.problems
+    assert str(problem).endswith(":13:9: steps.release.gate[1]: step 'tokenizer' (tokenize) does not emit "
+                                 "'val/perplexity' with its settings; it emits: data/vocab_size, train/documents, "
+                                 "val/documents, train/tokens, val/tokens, data/chars_per_token, time/seconds")
 
 
 @pytest.fixture
@@ -79,7 +91,7 @@ def test_aliases_move_by_the_gate_and_the_version_loads(tmp_path, store, tiny_lm
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from components.registry import download_registered
+    from components.lib.registry import download_registered
 
     uri, client, _ = store
     out = register(tmp_path, store, tiny_lm, {"val/perplexity": 30.0, "val/loss": 3.4},
@@ -124,7 +136,7 @@ def test_a_lora_adapter_is_registered_merged(tmp_path, store, tiny_lm):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from components.registry import download_registered
+    from components.lib.registry import download_registered
 
     torch.manual_seed(0)
     peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_lm), LoraConfig(r=4, lora_alpha=8))
@@ -151,7 +163,7 @@ def test_version_1_of_the_same_name_in_two_stores_downloads_as_two_models(tmp_pa
     from mlflow.tracking import MlflowClient
     from safetensors.torch import load_file, save_file
 
-    from components.registry import download_registered
+    from components.lib.registry import download_registered
 
     other = tmp_path / "other_model"
     shutil.copytree(tiny_lm, other)

@@ -8,11 +8,11 @@ import math
 import pytest
 import torch
 
-from components import preferences
-from components.reward_model import (bradley_terry_loss, load_reward_model, pooled_index, read_reward_stats,
-                                     run, sequence_rewards)
+from components.lib import preferences
+from components.lib.rewards import load_reward_model, pooled_index, read_reward_stats, sequence_rewards
+from components.reward_model import bradley_terry_loss, run
 from schemas.steps.reward_model import RewardModelSpec
-from tests.conftest import finish, make_ctx
+from tests.conftest import check_contract, finish, make_ctx
 
 
 def test_loss_checks():
@@ -73,23 +73,23 @@ def test_builtin_pairs_have_ground_truth_and_disjoint_splits():
     assert {r["task"] for r in train} == set(preferences.DEFAULT_TASKS) | {"wording"}
     triple = lambda rows: {(r["prompt"], r["chosen"], r["rejected"]) for r in rows}  # noqa: E731
     assert not triple(held) & triple(train)
-    from components.tasks import is_correct
+    from components.lib.evaluation import exact_match
 
     for r in train[:50]:
         if r["task"] != "wording":
             row = {"answer": r["chosen"].strip()}
-            assert is_correct(row, r["chosen"]) and not is_correct(row, r["rejected"])
+            assert exact_match(r["chosen"], row["answer"]) and not exact_match(r["rejected"], row["answer"])
 
 
 def test_chat_rows_and_bad_rows():
     row = {"chosen": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}],
            "rejected": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "go away"}]}
-    pair = preferences.normalize_pair(row, "f.jsonl:1")
-    assert pair["chosen"].endswith("hello\n") and pair["rejected"].endswith("go away\n")
+    pair = preferences.normalize_pair({**row, "_where": "f.jsonl:1"})
+    assert pair["chosen"].endswith("hello\n\n") and pair["rejected"].endswith("go away\n\n")
     with pytest.raises(ValueError, match=r"f.jsonl:3: preference rows need 'chosen' and 'rejected' \(missing rejected"):
-        preferences.normalize_pair({"prompt": "p", "chosen": "c"}, "f.jsonl:3")
-    with pytest.raises(ValueError, match="score.*got 1.5"):
-        preferences.normalize_pair({"prompt": "p", "chosen": "c", "rejected": "r", "score": 1.5}, "f:1")
+        preferences.normalize_pair({"prompt": "p", "chosen": "c", "_where": "f.jsonl:3"})
+    with pytest.raises(ValueError, match="f:1: 'score'.*got 1.5"):
+        preferences.normalize_pair({"prompt": "p", "chosen": "c", "rejected": "r", "score": 1.5, "_where": "f:1"})
 
 
 def test_run_builtin_learns_and_saves_a_loadable_folder(tiny_lm, tmp_path):
@@ -100,7 +100,8 @@ def test_run_builtin_learns_and_saves_a_loadable_folder(tiny_lm, tmp_path):
     ctx = make_ctx(tmp_path, name="rm", kind="reward_model")
     out = run(spec, ctx)
     m = out.metrics
-    assert m["eval/loss"] < math.log(2) and m["eval/accuracy"] > m["eval/initial_accuracy"]
+    check_contract(spec, out)
+    assert m["val/loss"] < math.log(2) and m["val/accuracy"] > m["before/val/accuracy"]
     folder = finish(ctx, out).path("reward_model")
     model = AutoModelForSequenceClassification.from_pretrained(folder)
     assert model.config.num_labels == 1
@@ -125,7 +126,7 @@ def test_run_lora_on_jsonl_files_with_soft_labels(tiny_lm, tmp_path):
     after = AutoModelForSequenceClassification.from_pretrained(ctx.out_dir / "model").state_dict()
     changed = [k for k in before if "score" not in k and not torch.equal(before[k], after[k])]
     assert any("q_proj" in k for k in changed) and not any("lora" in k for k in after)  # merged LoRA
-    assert 0 <= out.metrics["eval/accuracy"] <= 1
+    assert 0 <= out.metrics["val/accuracy"] <= 1
 
 
 def test_schema_errors():

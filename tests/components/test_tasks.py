@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from components.tasks import TASK_STYLE, TASKS, is_correct, make_examples
+from components.lib.evaluation import exact_match
+from components.lib.tasks import TASK_STYLE, TASKS, make_examples
 
 
 def test_mixture_is_deterministic_by_seed_and_covers_the_tasks():
@@ -31,11 +32,11 @@ def test_polite_task_shape():
     assert all(r["prompt"].startswith("Which reply is polite? (A) ") and " (B) " in r["prompt"] for r in rows)
 
 
-def test_is_correct_normalizes_whitespace_but_not_case():
+def test_exact_match_normalizes_whitespace_but_not_case():
     row = {"answer": "Red Fox"}
-    assert is_correct(row, " Red  Fox\nmore text")
-    assert not is_correct(row, " red fox")
-    assert not is_correct({"answer": "7"}, " 71")
+    assert exact_match(" Red  Fox\nmore text", row["answer"])
+    assert not exact_match(" red fox", row["answer"])
+    assert not exact_match(" 71", "7")
 
 
 def test_unknown_task_and_split_are_clear_errors():
@@ -46,13 +47,13 @@ def test_unknown_task_and_split_are_clear_errors():
 
 
 def test_schema_task_names_match_the_component():
-    from schemas.steps.finetune import BUILTIN_TASKS
+    from schemas.data import BUILTIN_TASKS
 
     assert list(BUILTIN_TASKS) == TASKS
 
 
 def test_polite_requests_are_held_out_combinations_with_reference_pairs():
-    from components.tasks import make_examples, polite_requests
+    from components.lib.tasks import make_examples, polite_requests
 
     rows = polite_requests(0, 30)
     assert len(rows) == 30 and len({(r["chosen"], r["rejected"]) for r in rows}) == 30

@@ -9,10 +9,10 @@ import pytest
 from transformers import AutoTokenizer
 
 from components import tokenize
-from components.data import read_tokens
+from components.lib.tokens import read_tokens
 from schemas.steps.tokenize import TokenizeSpec
 
-from conftest import make_ctx
+from conftest import check_contract, make_ctx
 
 SAMPLE = "The quick brown fox jumps over the lazy dog."
 
@@ -41,13 +41,14 @@ def text_corpus(tmp_path):
 
 def test_bpe_on_text_files(tmp_path, text_corpus):
     spec, ctx, out = run_step(tmp_path, text_corpus, val_fraction=0.25)
+    check_contract(spec, out)
     tok = AutoTokenizer.from_pretrained(ctx.out_dir / out.outputs["tokenizer"])
-    assert len(tok) == out.metrics["vocab_size"] <= 300
+    assert len(tok) == out.metrics["data/vocab_size"] <= 300
     ids = tok(SAMPLE, add_special_tokens=False)["input_ids"]
     assert tok.decode(ids) == SAMPLE  # byte-level BPE round-trips text exactly
     assert len(ids) < len(SAMPLE)  # it learned merges, not just bytes
     assert (tok.eos_token, tok.pad_token, tok.bos_token, tok.unk_token, tok.mask_token) == \
-        ("</s>", "<pad>", "<s>", "<unk>", "<mask>")
+        ("</s>", "<pad>", "</s>", "<unk>", "<mask>")  # BOS is the EOS: what training reads before a document
 
     folder = ctx.out_dir / out.outputs["tokens"]
     meta = json.loads((folder / "meta.json").read_text())
@@ -63,8 +64,8 @@ def test_bpe_on_text_files(tmp_path, text_corpus):
     assert tok.decode(first_val) == docs[held_out[0]] + "\n"  # a .txt document keeps its last newline
     assert out.metrics["train/tokens"] == len(train) and out.metrics["val/tokens"] == len(val)
     chars = sum(len(d) + 1 for i, d in enumerate(docs) if i not in held_out)
-    assert out.metrics["chars_per_token"] == pytest.approx(chars / len(train))
-    assert 1.2 < out.metrics["chars_per_token"] < 4  # English and code with a 300-token vocabulary
+    assert out.metrics["data/chars_per_token"] == pytest.approx(chars / len(train))
+    assert 1.2 < out.metrics["data/chars_per_token"] < 4  # English and code with a 300-token vocabulary
 
 
 def test_tokenizer_trains_on_training_documents_only(tmp_path):
@@ -100,7 +101,7 @@ def test_jsonl_with_text_field(tmp_path):
 
 def test_jsonl_without_the_field_names_file_and_line(tmp_path):
     (tmp_path / "a.jsonl").write_text('{"text": "fine"}\n{"body": "no text"}\n')
-    with pytest.raises(KeyError, match=r"a.jsonl:2: row has no 'text' field .*fields: body"):
+    with pytest.raises(ValueError, match=r"a.jsonl:2: row has no 'text' field .*got body"):
         run_step(tmp_path, {"files": ["a.jsonl"]})
 
 
@@ -123,5 +124,5 @@ def test_datasets_saved_folder(tmp_path):
     datasets.Dataset.from_dict({"text": corpus_documents(15)}).save_to_disk(str(tmp_path / "saved"))
     _, _, out = run_step(tmp_path, {"dataset": {"path": "saved"}}, val_fraction=0)
     assert out.metrics["train/documents"] == 15
-    with pytest.raises(KeyError, match="no 'body' column"):
+    with pytest.raises(ValueError, match="no 'body' column"):
         run_step(tmp_path, {"dataset": {"path": "saved", "text_field": "body"}}, name="again")

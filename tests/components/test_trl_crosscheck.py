@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from components.preferences import builtin_pairs, normalize_pair
-from components.reward_model import (bradley_terry_loss, collate_pairs, encode_pair, evaluate_pairs,
-                                     load_reward_model, run, sequence_rewards)
+from components.lib.preferences import builtin_pairs, collate_pairs, encode_pairs, normalize_pair
+from components.lib.rewards import load_reward_model, sequence_rewards
+from components.reward_model import bradley_terry_loss, evaluate_pairs, run
 from schemas.steps.reward_model import RewardModelSpec
 from tests.conftest import make_ctx
 
@@ -24,7 +24,7 @@ def start(tiny_lm, tmp_path):
 
 
 def _encoded(tok, split: str, n: int) -> list[dict]:
-    return [encode_pair(tok, normalize_pair(r, "builtin"), 256) for r in builtin_pairs(0, split, n)]
+    return encode_pairs([normalize_pair(r) for r in builtin_pairs(0, split, n)], tok, 256)
 
 
 def test_reward_loss_and_accuracy_match_trl(start, tmp_path):
@@ -38,11 +38,11 @@ def test_reward_loss_and_accuracy_match_trl(start, tmp_path):
                         learning_rate=LR, lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=1.0,
                         report_to=[], save_strategy="no", use_cpu=True, seed=0, logging_steps=STEPS,
                         disable_dropout=True)
-    data = Dataset.from_list([{"chosen_ids": r["chosen"], "rejected_ids": r["rejected"]} for r in train])
+    data = Dataset.from_list([{"chosen_ids": r["chosen"][0], "rejected_ids": r["rejected"][0]} for r in train])
     trainer = RewardTrainer(model=model, args=args, train_dataset=data, processing_class=tok)
 
     # step 0: TRL's loss on TRL's collated batch equals ours on our batch of the same pairs
-    rows = [{"chosen_ids": r["chosen"], "rejected_ids": r["rejected"]} for r in train[:BATCH]]
+    rows = [{"chosen_ids": r["chosen"][0], "rejected_ids": r["rejected"][0]} for r in train[:BATCH]]
     trl_batch = trainer.data_collator(rows)
     model.eval()
     with torch.no_grad():
@@ -63,7 +63,7 @@ def test_reward_loss_and_accuracy_match_trl(start, tmp_path):
                            val_batches=1)
     ctx = make_ctx(tmp_path, name="rm", kind="reward_model")
     ours_metrics = run(spec, ctx).metrics
-    assert ours_metrics["eval/initial_accuracy"] == pytest.approx(initial["eval/accuracy"], abs=1e-6)
+    assert ours_metrics["before/val/accuracy"] == pytest.approx(initial["val/accuracy"], abs=1e-6)
     # different shuffles, same recipe: comparable accuracy and loss after the same number of steps
-    assert abs(ours_metrics["eval/accuracy"] - trl_metrics["eval/accuracy"]) <= 0.15
-    assert ours_metrics["eval/loss"] < initial["eval/loss"] and trl_metrics["eval/loss"] < initial["eval/loss"]
+    assert abs(ours_metrics["val/accuracy"] - trl_metrics["val/accuracy"]) <= 0.15
+    assert ours_metrics["val/loss"] < initial["val/loss"] and trl_metrics["val/loss"] < initial["val/loss"]

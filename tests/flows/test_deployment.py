@@ -126,7 +126,7 @@ def test_deploy_from_prefect_yaml_and_run_on_a_worker(tmp_path):
     assert flow_run["state"]["type"] == "COMPLETED", worker_log.read_text()[-3000:]
     assert flow_run["parameters"]["spec_path"] == str(spec)
     results = list((tmp_path / "out" / "tok").glob("*/result.json"))
-    assert len(results) == 1 and json.loads(results[0].read_text())["metrics"]["vocab_size"] <= 300
+    assert len(results) == 1 and json.loads(results[0].read_text())["metrics"]["data/vocab_size"] <= 300
     assert (tmp_path / "out" / "mlflow.db").is_file()
 
     # `there` ran as a flow run of llmcycle-step/llmcycle-gpu: launched by that worker's flow-run process, not

@@ -78,12 +78,12 @@ def test_two_nodes_at_a_c10d_rendezvous_match_one_node_with_two_processes(tmp_pa
             llmcycle("step", str(two / "spec.yaml"), "lm", log=two / "node.log") as node:  # the "second machine"
         finished(head, two / "head.log")
         joined = finished(node, two / "node.log")
-    assert "joining step 'lm' as a further node" in joined and "this node's part ended ok" in joined
+    assert "lm: joining as a further node" in joined and "this node's part ended ok" in joined
 
     a, b = result(one, "lm")["metrics"], result(two, "lm")["metrics"]
     for m in (a, b):
-        assert m["val/loss"] < m["val/loss_initial"] - 0.3, m  # it learned
-        assert m["tokens_seen"] == 60 * 8 * 64 * 2  # two processes, each its own batches
+        assert m["val/loss"] < m["before/val/loss"] - 0.3, m  # it learned
+        assert m["train/tokens"] == 60 * 8 * 64 * 2  # two processes, each its own batches
     assert abs(a["val/loss"] - b["val/loss"]) / a["val/loss"] < TOLERANCE, (a["val/loss"], b["val/loss"])
     client = MlflowClient(f"sqlite:///{two / 'work' / 'mlflow.db'}")
     [run] = client.search_runs([client.get_experiment_by_name("two").experiment_id], "tags.`llmcycle.step` = 'lm'")
@@ -108,7 +108,7 @@ def test_ppo_trains_under_torchrun_with_two_processes(tmp_path):
         out = finished(proc, tmp_path / "run.log")
     assert "ppo: iteration 2/2" in out
     got = result(tmp_path, "ppo")
-    assert "eval/final_true_reward" in got["metrics"]
+    assert "val/true_reward" in got["metrics"]
     client = MlflowClient(f"sqlite:///{tmp_path / 'work' / 'mlflow.db'}")
     [run] = client.search_runs([client.get_experiment_by_name("ppo2").experiment_id], "tags.`llmcycle.step` = 'ppo'")
     assert run.data.tags["llmcycle.world_size"] == "2"

@@ -109,9 +109,9 @@ def test_failing_step_fails_the_flow_and_keeps_upstream_outputs(project, store):
     with pytest.raises(Exception) as err:
         run_pipeline(str(spec))
     message = format_failure(err.value)
-    assert message == ("step 'b' (tokenize) failed: corpus.files: no file matches 'missing/*.txt' (relative to "
-                       f"{spec.parent}). Outputs of the completed steps are kept; fix the cause and run again to "
-                       "resume from there.")
+    assert message == ("step 'b' (tokenize) failed: corpus.files: no file matches 'missing/*.txt' (resolved to "
+                       f"{spec.parent}/missing/*.txt). Outputs of the completed steps are kept; fix the cause and run "
+                       "again to resume from there.")
     assert "\n" not in message
     plan = {p.name: p for p in make_plan(schemas.load(spec))}
     assert plan["a"].cached and not plan["b"].cached  # a's output kept, nothing half-written for b

@@ -94,8 +94,8 @@ def test_default_store_found_from_any_directory(project, tmp_path, monkeypatch):
     assert step.data.params["vocab_size"] == "280" and step.data.params["algorithm"] == "bpe"
     assert step.data.params["corpus.files"] == "['${env:LLMCYCLE_TEST_CORPUS}']"
     metrics = step.data.metrics
-    assert metrics["vocab_size"] == 280 and metrics["train/documents"] + metrics["val/documents"] == 30
-    assert metrics["train/tokens"] > 0 and metrics["chars_per_token"] > 1
+    assert metrics["data/vocab_size"] == 280 and metrics["train/documents"] + metrics["val/documents"] == 30
+    assert metrics["train/tokens"] > 0 and metrics["data/chars_per_token"] > 1
     assert children[1].data.metrics["train/tokens"] == metrics["train/tokens"]  # the cached run reports them too
     assert "tokenizer" in [a.path for a in client.list_artifacts(step.info.run_id)]
 

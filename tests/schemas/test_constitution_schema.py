@@ -5,7 +5,8 @@ import textwrap
 
 import pytest
 
-from schemas.constitution import default_path, load_constitution
+from components.lib import assets
+from schemas.constitution import load_constitution
 from schemas.errors import SpecError
 
 GOOD = """\
@@ -24,15 +25,15 @@ def write(tmp_path, text):
 
 
 def test_default_constitution_loads_and_examples_name_known_principles():
-    c = load_constitution()
+    c = load_constitution(assets.path("constitution.yaml"))
     assert len(c.principles) >= 8
     assert {"polite", "harmless", "honest"} <= {p.name for p in c.principles}
     assert c.examples and all(r.principle in {p.name for p in c.principles} for t in c.examples for r in t.rounds)
 
 
 def test_red_team_prompts_exercise_every_principle():
-    names = {p.name for p in load_constitution().principles}
-    rows = [json.loads(line) for line in (default_path().parent / "red_team.jsonl").read_text().splitlines()]
+    names = {p.name for p in load_constitution(assets.path("constitution.yaml")).principles}
+    rows = [json.loads(line) for line in (assets.path("constitution.yaml").parent / "red_team.jsonl").read_text().splitlines()]
     assert {r["principle"] for r in rows} == names
     assert all(r["prompt"] and r["chosen"] != r["rejected"] for r in rows)
 

@@ -130,7 +130,7 @@ def test_cross_field_rule_names_its_section(write_spec):
 def test_bpe_vocabulary_must_hold_the_bytes(write_spec):
     path = write_spec("name: x\nsteps:\n  a: {kind: tokenize, corpus: {builtin: pydoc}, vocab_size: 200}\n")
     assert one(path) == (f"{path}:3:6: steps.a: vocab_size 200 is too small for byte-level BPE: its 256 byte "
-                         "tokens and 5 special tokens come first; use at least 261")
+                         "tokens and 4 special tokens come first; use at least 260")
     assert load(path, ["steps.a.algorithm=unigram"]).spec.steps["a"].vocab_size == 200
 
 

@@ -71,8 +71,8 @@ def test_external_model_forms_are_not_steps():
 
 def test_step_that_produces_something_else():
     found = check(HEAD + "  gen: {kind: generate, model: tok}\n")
-    assert found == ["p.yaml:4:32: steps.gen.model: step 'tok' (kind tokenize) produces no model; "
-                     "steps that do: none"]
+    assert found == ["p.yaml:4:32: steps.gen.model: step 'tok' (tokenize) writes no model; it writes tokenizer, "
+                     "tokens"]
 
 
 def test_nested_reference_is_located():

@@ -40,7 +40,7 @@ steps:
     kind: register
     model: {tiny_lm}
     name: ui-lifecycle-lm
-    gate: [tokenizer.chars_per_token > 1.0]
+    gate: [tokenizer.data/chars_per_token > 1.0]
     evidence: [tokenizer]
 """)
     results = run_pipeline(str(spec))

@@ -1,19 +1,22 @@
 """Preference pairs {prompt, chosen, rejected, score?}: from JSONL files, another step, or built in.
 
-`{builtin: preferences}` pairs come from the task mixture (`components/tasks.py`) with a ground truth:
+`{builtin: preferences}` pairs come from the task mixture (`components/lib/tasks.py`) with a ground truth:
 the correct completion against a corrupted one (a near miss of the same shape, so that length or
 format cannot give the answer away), plus polite against rude wording of the same request. Chat rows
 (`messages`, or `chosen`/`rejected` as message lists, TRL's conversational format) are rendered to text
-with the tokenizer's chat template when it has one, else as `role: content` lines.
+with `text.render_chat` (the chat template, else plain `Human:`/`Assistant:` turns).
 """
 
 from __future__ import annotations
 
-import glob
 import random
+from pathlib import Path
+from typing import Callable
 
-from components import tasks as T
-from components.jsonl import iter_lines
+from components.lib import tasks as T
+from components.lib.io import read_jsonl, read_jsonl_files, split_rows
+from components.lib.text import encode_completion, render_chat
+from schemas.data import PreferenceDataSpec
 
 DEFAULT_TASKS = ["copy", "reverse", "capitalize", "count", "larger", "sentiment", "polite"]
 """`add` is left out: its held-out pairs are unseen facts, so no reward model can rank them."""
@@ -84,82 +87,93 @@ def _wording_pairs(seed: int, split: str, n: int, rng: random.Random) -> list[di
     return rows
 
 
-def render_messages(messages: list[dict], tokenizer=None, generation_prompt: bool = False) -> str:
-    """Chat messages as text: the tokenizer's chat template if it has one, else `role: content` lines."""
-    if tokenizer is not None and getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
-    text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
-    return text + ("assistant:" if generation_prompt else "")
+def normalize_pair(row: dict, tokenizer=None) -> dict:
+    """One preference row as plain text {prompt, chosen, rejected, score}; a clear error when malformed.
 
-
-def normalize_pair(row: dict, where: str, tokenizer=None) -> dict:
-    """One preference row as plain text {prompt, chosen, rejected, score}; a clear error when malformed."""
+    Chat rows (TRL's conversational format: `chosen`/`rejected` as message lists after a shared `prompt`
+    list) are rendered with `text.render_chat`; the replies are what follows the rendered prompt.
+    """
+    where = row.get("_where", "row")
     missing = [k for k in ("chosen", "rejected") if k not in row]
     if missing:
         raise ValueError(f"{where}: preference rows need 'chosen' and 'rejected' (missing {', '.join(missing)}); "
-                         f"got keys {', '.join(sorted(row)) or 'none'}")
+                         f"got keys {', '.join(sorted(k for k in row if k != '_where')) or 'none'}")
     prompt, chosen, rejected = row.get("prompt", ""), row["chosen"], row["rejected"]
     if isinstance(chosen, list):  # conversational: the prompt is the shared prefix of messages
         prompt_msgs = prompt if isinstance(prompt, list) else []
-        full_c = render_messages(prompt_msgs + chosen, tokenizer)
-        full_r = render_messages(prompt_msgs + rejected, tokenizer)
-        prompt = render_messages(prompt_msgs, tokenizer, generation_prompt=bool(prompt_msgs))
-        chosen, rejected = full_c[len(prompt):], full_r[len(prompt):]
+        prompt = render_chat(tokenizer, prompt_msgs, add_generation_prompt=bool(prompt_msgs))
+        chosen = render_chat(tokenizer, prompt_msgs + chosen)[len(prompt):]
+        rejected = render_chat(tokenizer, prompt_msgs + rejected)[len(prompt):]
     elif isinstance(prompt, list):
-        prompt = render_messages(prompt, tokenizer, generation_prompt=True)
+        prompt = render_chat(tokenizer, prompt, add_generation_prompt=True)
     score = float(row.get("score", 1.0))
     if not 0.0 <= score <= 1.0:
         raise ValueError(f"{where}: 'score' is the probability that chosen is better, in [0, 1]; got {score}")
     return {"prompt": str(prompt), "chosen": str(chosen), "rejected": str(rejected), "score": score}
 
 
-def read_jsonl(patterns: list[str], resolve, field: str) -> list[tuple[str, dict]]:
-    """(where, row) for every row of the files matching `patterns`; errors name the file and line."""
-    out = []
-    for pattern in patterns:
-        paths = sorted(glob.glob(str(resolve(pattern)), recursive=True))
-        if not paths:
-            raise FileNotFoundError(f"{field}: no file matches '{pattern}'")
-        for path in paths:
-            for n, row, error in iter_lines(path):
-                if error:
-                    raise ValueError(f"{field}: {path}:{n} is {error}")
-                out.append((f"{path}:{n}", row))
-    return out
-
-
-def load_preferences(data, ctx, tokenizer=None) -> tuple[list[dict], list[dict]]:
-    """(train, eval) preference rows for a reward_model step's `data:` section."""
+def load_preferences(data: PreferenceDataSpec, seed: int, resolve: Callable[[str], Path],
+                     step_data: Path | None = None, tokenizer=None) -> tuple[list[dict], list[dict]]:
+    """(train, held-out) preference rows for a `data:` section; `step_data`: the data folder of `data.step`."""
     if data.builtin == "preferences":
-        train = builtin_pairs(ctx.seed, "train", data.n_per_task, data.tasks)
-        held = builtin_pairs(ctx.seed, "eval", max(8, data.n_per_task // 4), data.tasks)
-        return [normalize_pair(r, "builtin") for r in train], [normalize_pair(r, "builtin") for r in held]
+        train = builtin_pairs(seed, "train", data.n_per_task, data.tasks)
+        held = builtin_pairs(seed, "eval", max(8, data.n_per_task // 4), data.tasks)
+        return [normalize_pair(r) for r in train], [normalize_pair(r) for r in held]
     if data.step is not None:
-        rows = read_jsonl([str(ctx.step(data.step).path("data") / "preferences.jsonl")], str, f"data.step {data.step}")
-        eval_rows = []
+        rows, eval_rows = read_jsonl(Path(step_data) / "preferences.jsonl"), []
     else:
-        rows = read_jsonl(data.files, ctx.resolve_path, "data.files")
-        eval_rows = read_jsonl(data.eval_files or [], ctx.resolve_path, "data.eval_files")
-    pairs = [normalize_pair(r, where, tokenizer) for where, r in rows]
-    held = [normalize_pair(r, where, tokenizer) for where, r in eval_rows]
-    if not held:  # hold out a seeded fraction of the training rows
-        random.Random(ctx.seed).shuffle(pairs)
-        k = max(1, int(len(pairs) * data.eval_fraction))
-        held, pairs = pairs[:k], pairs[k:]
+        rows = read_jsonl_files(data.files, resolve, "data.files")
+        eval_rows = read_jsonl_files(data.eval_files or [], resolve, "data.eval_files")
+    if not eval_rows:
+        rows, eval_rows = split_rows(rows, data.eval_fraction, seed)
+    pairs = [normalize_pair(r, tokenizer) for r in rows]
     if not pairs:
         raise ValueError("data: no training preference pairs left after holding out the eval rows")
-    return pairs, held
+    return pairs, [normalize_pair(r, tokenizer) for r in eval_rows]
 
 
-def normalize_messages_prompt(row: dict, where: str, tokenizer=None) -> dict:
-    """A prompt row {prompt, ...}; chat `messages` (or a message-list prompt) rendered to text."""
+def prompt_row(row: dict, tokenizer=None) -> dict:
+    """A prompt row {prompt, ...} (for rollouts); chat `messages`, or a message-list prompt, rendered to text."""
     if "prompt" not in row and "messages" not in row:
-        raise ValueError(f"{where}: prompt rows need 'prompt' (or chat 'messages'); got keys "
-                         f"{', '.join(sorted(row)) or 'none'}")
+        raise ValueError(f"{row.get('_where', 'row')}: prompt rows need 'prompt' (or chat 'messages'); got keys "
+                         f"{', '.join(sorted(k for k in row if k != '_where')) or 'none'}")
     out = dict(row)
     messages = row["prompt"] if isinstance(row.get("prompt"), list) else row.get("messages")
     if messages is not None:
         if messages and messages[-1].get("role") == "assistant":  # a full chat: prompt with everything before
             messages = messages[:-1]
-        out["prompt"] = render_messages(messages, tokenizer, generation_prompt=True)
+        out["prompt"] = render_chat(tokenizer, messages, add_generation_prompt=True)
     return out
+
+
+# -- tokens ----------------------------------------------------------------------------------------
+
+
+def encode_pairs(rows: list[dict], tokenizer, max_length: int) -> list[dict]:
+    """Per row: prompt+chosen and prompt+rejected ids (each reply ends with EOS, cut with `text.truncate_pair`),
+    their completion masks, and the soft label. The one encoding of pairs (reward_model and dpo)."""
+    out = []
+    for row in rows:
+        item = {"score": float(row.get("score", 1.0))}
+        for side in ("chosen", "rejected"):
+            prompt, reply = encode_completion(tokenizer, row["prompt"], row[side], max_length)
+            item[side] = (prompt + reply, [0] * len(prompt) + [1] * len(reply))
+        out.append(item)
+    return out
+
+
+def collate_pairs(items: list[dict], pad_id: int) -> dict:
+    """One right-padded batch: the chosen rows first, then the rejected rows (one forward pass for both)."""
+    import torch
+
+    seqs = [it["chosen"] for it in items] + [it["rejected"] for it in items]
+    width = max(len(ids) for ids, _ in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(seqs), width), dtype=torch.long)
+    comp = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, (row, mask) in enumerate(seqs):
+        ids[i, :len(row)] = torch.tensor(row)
+        attn[i, :len(row)] = 1
+        comp[i, :len(row)] = torch.tensor(mask)
+    return {"input_ids": ids, "attention_mask": attn, "completion_mask": comp,
+            "score": torch.tensor([it["score"] for it in items])}

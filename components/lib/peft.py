@@ -11,10 +11,10 @@ from pathlib import Path
 
 import torch
 
+from components.lib.models import save_pretrained, save_tokenizer
 from schemas.peft import PeftSpec
 
 FEEDFORWARD_NAMES = ("down_proj", "fc2", "c_proj", "w2", "wo", "dense_4h_to_h", "fc_out")
-PRUNE_SKIP = ("lm_head", "embed", "wte", "wpe")  # embeddings and the output layer are kept dense
 
 
 def apply_peft(model, spec: PeftSpec, tokenizer=None):
@@ -67,22 +67,28 @@ def is_bitfit_param(name: str) -> bool:
 
 
 def prunable_linears(model) -> list[torch.nn.Linear]:
-    """The decoder's linear layers (embeddings and the output layer stay dense)."""
-    return [m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and not any(s in n for s in PRUNE_SKIP)]
+    """Every Linear layer but the output head (which, with tied embeddings, is also the input embedding)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head]
 
 
-def prune_by_magnitude(model, sparsity: float) -> None:
-    """Zero the smallest-magnitude `sparsity` of all decoder linear weights (global L1 pruning).
+def prune_by_magnitude(model, sparsity: float, scope: str = "global") -> None:
+    """Zero the smallest-magnitude `sparsity` of the prunable weights (L1 pruning, Han et al. 2015): across
+    all layers together (`global`) or the same share in each layer (`layer`).
 
-    The masks stay attached (weight = weight_orig * mask) so that the recovery fine-tune cannot regrow
+    The masks stay attached (weight = weight_orig * mask), so a fine-tune after pruning cannot regrow
     pruned weights; `finalize_pruning` makes them permanent before saving.
     """
     from torch.nn.utils import prune
 
     layers = prunable_linears(model)
     if not layers:
-        raise ValueError("peft method 'prune' found no linear layers to prune")
-    prune.global_unstructured([(m, "weight") for m in layers], pruning_method=prune.L1Unstructured, amount=sparsity)
+        raise ValueError("pruning found no linear layers to prune")
+    if scope == "global":
+        prune.global_unstructured([(m, "weight") for m in layers], pruning_method=prune.L1Unstructured, amount=sparsity)
+    else:
+        for m in layers:
+            prune.l1_unstructured(m, "weight", amount=sparsity)
 
 
 def finalize_pruning(model) -> None:
@@ -114,7 +120,7 @@ def save_outputs(model, tokenizer, out_dir: Path, merge: bool) -> dict[str, str]
     outputs: dict[str, str] = {}
     if isinstance(model, PeftModel):
         model.save_pretrained(out_dir / "adapter")
-        tokenizer.save_pretrained(out_dir / "adapter")
+        save_tokenizer(tokenizer, out_dir / "adapter")
         outputs.update(adapter="adapter", tokenizer="adapter")
         if not merge:
             return outputs
@@ -126,8 +132,7 @@ def save_outputs(model, tokenizer, out_dir: Path, merge: bool) -> dict[str, str]
     else:
         finalize_pruning(model)
         standalone = model
-    standalone.save_pretrained(out_dir / "model")
-    tokenizer.save_pretrained(out_dir / "model")
+    save_pretrained(standalone, tokenizer, out_dir / "model")
     outputs["model"] = "model"
     outputs["tokenizer"] = "model"
     return outputs

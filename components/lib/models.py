@@ -1,46 +1,40 @@
-"""Build transformers models from a `model:` section, and load models and tokenizers from a source.
+"""Models and tokenizers: build one from a `model:` section, load one from any source, save one that loads anywhere.
 
-A source is whatever `ctx.model_source(ref)` returns: a local folder or a hub id. Models are built with
-transformers configs and `from_config`, so every saved result is a standard model folder.
+A source is what `ctx.model_source(ref)` returns for every reference form (a step's output, `./path`,
+`/path`, `hf:ID`, `models:/name@alias`): a local folder or a hub id. `load_model` loads every kind of folder
+a step writes: a transformers model, a peft adapter (merged into its base), an int8 `quantized/` folder.
+`save_pretrained` writes model and tokenizer so that every transformers version pyproject.toml admits loads them.
 """
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 CAUSAL_FAMILIES = ("llama", "gpt2")
 MASKED_FAMILIES = ("bert", "roberta")
+# transformers 5 names the class of a tokenizers-backed tokenizer `TokenizersBackend`, which transformers 4
+# does not know; `PreTrainedTokenizerFast` loads the same files in both and gives the same ids.
+PORTABLE_TOKENIZER_CLASS = "PreTrainedTokenizerFast"
 
 
-def load_tokenizer(source: str):
+def load_tokenizer(source: str | Path):
     """A tokenizer with a pad token (EOS stands in when the tokenizer has none)."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(source)
+    tok = AutoTokenizer.from_pretrained(str(source))
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
-
-
-def load_causal_lm(source: str, **kw: Any):
-    """AutoModelForCausalLM.from_pretrained with a clear error for folders that hold no model."""
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(source, **kw)
-
-
-def load_masked_lm(source: str, **kw: Any):
-    """AutoModelForMaskedLM.from_pretrained."""
-    from transformers import AutoModelForMaskedLM
-
-    return AutoModelForMaskedLM.from_pretrained(source, **kw)
 
 
 def is_masked_model(source_or_config) -> bool:
     """Tell a masked LM (BERT-like encoder) from a causal one by its config."""
     from transformers import AutoConfig
 
-    config = source_or_config if not isinstance(source_or_config, str) else AutoConfig.from_pretrained(source_or_config)
+    config = source_or_config if not isinstance(source_or_config, (str, Path)) else \
+        AutoConfig.from_pretrained(str(source_or_config))
     archs = " ".join(getattr(config, "architectures", None) or [])
     if "MaskedLM" in archs:
         return True
@@ -49,10 +43,52 @@ def is_masked_model(source_or_config) -> bool:
     return config.model_type in MASKED_FAMILIES
 
 
-def load_lm(source: str, **kw: Any):
-    """Load a causal or masked LM, whichever the folder's config describes; return (model, is_masked)."""
-    masked = is_masked_model(source)
-    return (load_masked_lm if masked else load_causal_lm)(source, **kw), masked
+def is_adapter(source: str | Path) -> bool:
+    return (Path(source) / "adapter_config.json").is_file()
+
+
+def load_model(source: str | Path, objective: str = "causal", base: str | None = None, **kw: Any):
+    """(model, tokenizer) from any folder a step writes, or a hub id.
+
+    `objective`: `causal`, `masked`, or `auto` (whichever the config describes). A peft adapter folder is
+    merged into its base (`base`, else the one its config names); an int8 `quantized/` folder is rebuilt
+    and loaded (components/lib/quantize.py). `kw` goes to `from_pretrained` (e.g. `dtype`).
+    """
+    from components.lib import quantize
+
+    source = str(source)
+    if quantize.is_quantized(source):
+        return quantize.load_quantized(source)
+    if is_adapter(source):
+        from peft import PeftModel
+
+        base = base or json.loads((Path(source) / "adapter_config.json").read_text())["base_model_name_or_path"]
+        model, _ = load_model(base, objective, **kw)
+        merged = PeftModel.from_pretrained(model, source).merge_and_unload()
+        return merged, load_tokenizer(source if (Path(source) / "tokenizer_config.json").is_file() else base)
+    masked = is_masked_model(source) if objective == "auto" else objective == "masked"
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+
+    auto = AutoModelForMaskedLM if masked else AutoModelForCausalLM
+    return auto.from_pretrained(source, **kw), load_tokenizer(source)
+
+
+def save_tokenizer(tokenizer, folder: str | Path) -> None:
+    """Save a tokenizer that transformers 4 and 5 both load."""
+    tokenizer.save_pretrained(str(folder))
+    config = Path(folder) / "tokenizer_config.json"
+    data = json.loads(config.read_text())
+    if data.get("tokenizer_class") == "TokenizersBackend":
+        data["tokenizer_class"] = PORTABLE_TOKENIZER_CLASS
+        config.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def save_pretrained(model, tokenizer, folder: str | Path) -> Path:
+    """A standalone transformers folder: the weights (safetensors) and a tokenizer every version loads."""
+    folder = Path(folder)
+    model.save_pretrained(folder, safe_serialization=True)
+    save_tokenizer(tokenizer, folder)
+    return folder
 
 
 def build_config(model_spec, tokenizer):

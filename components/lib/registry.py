@@ -1,14 +1,12 @@
-"""The MLflow Model Registry side of llmcycle: read `models:/` URIs back, load models with adapters merged.
+"""The MLflow Model Registry side of llmcycle: read `models:/` URIs back into folders.
 
 `download_registered` turns `models:/name@alias` or `models:/name/version` into a folder that
-`from_pretrained` loads; `load_merged` loads any model folder, merging a peft adapter into its base
-(the registry and the optimizer want standalone models).
+`from_pretrained` loads (and `components.lib.models.load_model`).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import shutil
 from pathlib import Path
 
@@ -81,25 +79,3 @@ def _merge_transformers_layout(root: Path) -> Path:
                 if f.is_file() and not (model_dir / f.name).exists():
                     shutil.copy2(f, model_dir / f.name)
     return model_dir
-
-
-def is_adapter(source: str | Path) -> bool:
-    return (Path(source) / "adapter_config.json").is_file()
-
-
-def load_merged(source: str | Path, base: str | None = None):
-    """Load (model, tokenizer) from a model folder or hub id; a peft adapter is merged into its base.
-
-    `base` overrides the adapter's recorded base model (a folder, when the adapter names a hub id).
-    """
-    from components.models import load_causal_lm, load_tokenizer
-
-    source = str(source)
-    if not is_adapter(source):
-        return load_causal_lm(source), load_tokenizer(source)
-    from peft import PeftModel
-
-    base = base or json.loads((Path(source) / "adapter_config.json").read_text())["base_model_name_or_path"]
-    model = PeftModel.from_pretrained(load_causal_lm(base), source).merge_and_unload()
-    tok_source = source if (Path(source) / "tokenizer_config.json").is_file() else base
-    return model, load_tokenizer(tok_source)

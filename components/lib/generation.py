@@ -7,7 +7,10 @@ and batches prompts with left padding so every row's continuation starts at the 
 
 from __future__ import annotations
 
+from collections import defaultdict
 from typing import Any
+
+from components.lib.text import encode, pad_token, start_token
 
 STRATEGIES = ("greedy", "sample", "top_k", "top_p", "beam")
 
@@ -36,12 +39,11 @@ def decoding_kwargs(strategy: str, temperature: float = 1.0, top_k: int = 0, top
 
 
 def encode_prompts(tokenizer, prompts: list[str], device=None) -> dict:
-    """Left-padded input_ids/attention_mask; an empty prompt starts from BOS (or EOS) so it has a token."""
+    """Left-padded input_ids/attention_mask; an empty prompt starts from the start token (BOS, else EOS)."""
     import torch
 
-    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    rows = [tokenizer(p, add_special_tokens=False)["input_ids"] or [start] for p in prompts]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    rows = [encode(tokenizer, p) or [start_token(tokenizer)] for p in prompts]
+    pad = pad_token(tokenizer)
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -56,8 +58,8 @@ def generation_config(tokenizer, strategy: str = "greedy", max_new_tokens: int =
     """A GenerationConfig for `strategy` with the tokenizer's special ids."""
     from transformers import GenerationConfig
 
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return GenerationConfig(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens or None, pad_token_id=pad,
+    return GenerationConfig(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens or None,
+                            pad_token_id=pad_token(tokenizer),
                             eos_token_id=tokenizer.eos_token_id,
                             bos_token_id=tokenizer.bos_token_id, **decoding_kwargs(strategy, **opts))
 
@@ -100,3 +102,57 @@ def generate_ids(model, tokenizer, prompts: list[str], strategy: str = "greedy",
         torch.manual_seed(seed)
         batch = encode_prompts(tokenizer, prompts, next(model.parameters()).device)
         return model.generate(**batch, generation_config=config), batch
+
+
+class StopAtLineEnd:
+    """Stop each sequence once it produced EOS or a token containing a newline (answers are one line)."""
+
+    def __init__(self, tokenizer):
+        import torch
+
+        texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+        ids = [i for i, text in enumerate(texts) if "\n" in text] + [tokenizer.eos_token_id]
+        self.ids = torch.tensor([i for i in ids if i is not None])
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        return torch.isin(input_ids[:, -1], self.ids.to(input_ids.device))
+
+
+def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int = 24, batch_size: int = 64,
+                     reserve: int = 0) -> list[str]:
+    """Greedy one-line answers: each prompt's continuation up to its first newline or EOS.
+
+    Prompts are grouped by token length so that no batch needs padding (left padding depends on each model's
+    position handling, equal lengths do not). `reserve` leaves room for prompt-tuning's virtual tokens.
+    """
+    import torch
+    from transformers import StoppingCriteriaList
+
+    from components.lib.models import context_length
+
+    limit = context_length(model) - max_new_tokens - reserve
+    encoded = [(encode(tokenizer, p) or [start_token(tokenizer)])[-limit:] for p in prompts]
+    by_length: dict[int, list[int]] = defaultdict(list)
+    for i, ids in enumerate(encoded):
+        by_length[len(ids)].append(i)
+    stop = StoppingCriteriaList([StopAtLineEnd(tokenizer)])
+    device = next(model.parameters()).device
+    answers = [""] * len(prompts)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for length, members in by_length.items():
+                for first in range(0, len(members), batch_size):
+                    chunk = members[first:first + batch_size]
+                    ids = torch.tensor([encoded[i] for i in chunk], device=device)
+                    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                         max_new_tokens=max_new_tokens, do_sample=False, stopping_criteria=stop,
+                                         pad_token_id=pad_token(tokenizer), eos_token_id=tokenizer.eos_token_id)
+                    for i, row in zip(chunk, out[:, length:]):
+                        answers[i] = tokenizer.decode(row, skip_special_tokens=True).split("\n", 1)[0]
+    finally:
+        model.train(was_training)
+    return answers

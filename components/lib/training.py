@@ -20,8 +20,8 @@ import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import MLFlowLogger
 
-from components.context import StepContext
-from schemas.base import OptimizerSpec, ScheduleSpec, TrainingStepSpec
+from components.lib.context import StepContext
+from schemas.base import OptimizerSpec, ScheduleSpec, TrainingLoop
 
 DEFAULT_STEPS = 100  # when a step gives neither max_steps nor max_tokens
 
@@ -57,12 +57,12 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def total_steps(spec: TrainingStepSpec, tokens_per_step: int) -> int:
+def total_steps(loop: TrainingLoop, tokens_per_step: int) -> int:
     """Optimizer steps implied by max_steps or max_tokens."""
-    if spec.max_steps is not None:
-        return spec.max_steps
-    if spec.max_tokens is not None:
-        return max(1, math.ceil(spec.max_tokens / max(tokens_per_step, 1)))
+    if loop.max_steps is not None:
+        return loop.max_steps
+    if loop.max_tokens is not None:
+        return max(1, math.ceil(loop.max_tokens / max(tokens_per_step, 1)))
     return DEFAULT_STEPS
 
 
@@ -82,9 +82,13 @@ def lr_lambda(schedule: ScheduleSpec, peak_lr: float, steps: int):
     return factor
 
 
-def configure_optimizer(named_params: Iterable[tuple[str, torch.nn.Parameter]], optimizer: OptimizerSpec,
-                        schedule: ScheduleSpec, steps: int) -> dict:
-    """Optimizer (no weight decay on biases and norms, as in GPT-2/nanoGPT) with a per-step LR schedule."""
+def configure_optimizer(named_params: Iterable[tuple[str, torch.nn.Parameter]], optimizer: dict | OptimizerSpec,
+                        schedule: dict | ScheduleSpec, steps: int) -> dict:
+    """Optimizer (no weight decay on biases and norms, as in GPT-2/nanoGPT) with a per-step LR schedule.
+
+    `optimizer` and `schedule` are the spec's sections or their plain dicts (as LightningModules keep them in
+    their hyperparameters)."""
+    optimizer, schedule = OptimizerSpec.model_validate(optimizer), ScheduleSpec.model_validate(schedule)
     decay, no_decay = [], []
     for name, p in named_params:
         if p.requires_grad:
@@ -114,7 +118,7 @@ class StepLogger(MLFlowLogger):
     def experiment(self):
         """Lightning's client, created without leaving MLflow's process-wide tracking URI (and the
         MLFLOW_TRACKING_URI it exports) pointing at this step's store."""
-        from components.mlflow_models import tracking_to
+        from components.lib.mlflow_models import tracking_to
 
         with tracking_to(self._tracking_uri):
             return super().experiment
@@ -175,17 +179,22 @@ class Throughput(Callback):
         self.tokens = 0
         self.start = None
 
+    def summary(self) -> dict[str, float]:
+        """`perf/tokens_per_s` and `perf/flops_per_s` over this fit (empty when no batch ran)."""
+        elapsed = time.perf_counter() - self.start if self.start else 0.0
+        if not self.tokens or elapsed <= 0:
+            return {}
+        rate = self.tokens / elapsed
+        return {"perf/tokens_per_s": rate, "perf/flops_per_s": 6 * self.params * rate}
+
     def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
         if self.start is None:
             self.start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         self.tokens += int(getattr(module, "tokens_in_batch", 0)) * trainer.world_size
-        elapsed = time.perf_counter() - (self.start or time.perf_counter())
-        if trainer.global_step % self.every == 0 and elapsed > 0 and self.tokens:
-            rate = self.tokens / elapsed
-            module.log_dict({"perf/tokens_per_s": rate, "perf/flops_per_s": 6 * self.params * rate},
-                            rank_zero_only=True)
+        if trainer.global_step % self.every == 0 and (rates := self.summary()):
+            module.log_dict(rates, rank_zero_only=True)
 
 
 class PrintProgress(Callback):
@@ -207,29 +216,33 @@ class PrintProgress(Callback):
                   flush=True)
 
 
-def make_trainer(ctx: StepContext, spec: TrainingStepSpec, steps: int, params: int = 0,
-                 callbacks: list[Callback] | None = None, validate: bool = True) -> L.Trainer:
-    """A Trainer wired to the step: precision, devices, checkpoints in ctx.ckpt_dir, MLflow logging."""
+def make_trainer(ctx: StepContext, loop: TrainingLoop, steps: int, params: int = 0,
+                 callbacks: list[Callback] | None = None, validate: bool = True, manual: bool = False) -> L.Trainer:
+    """The Trainer of every kind that trains: its devices and precision, checkpoints in ctx.ckpt_dir (every
+    `checkpoint_every` optimizer steps, and on a stop), the NaN guard, throughput, MLflow logging, progress.
+
+    `manual`: the module steps its optimizer itself (PPO) and clips its own gradients; `callbacks` then
+    replace the progress printer.
+    """
     ctx.ckpt_dir.mkdir(parents=True, exist_ok=True)
-    every = min(spec.checkpoint_every, steps)
     cbs: list[Callback] = [
-        ModelCheckpoint(dirpath=ctx.ckpt_dir, filename="step-{step}", every_n_train_steps=every,
+        ModelCheckpoint(dirpath=ctx.ckpt_dir, filename="step-{step}", every_n_train_steps=min(loop.checkpoint_every, steps),
                         save_top_k=1, monitor="step", mode="max", save_last=True),
         NanGuard(ctx.name),
         Throughput(params),
         CheckpointOnStop(ctx.ckpt_dir),
     ]
-    if spec.grad_clip:
-        cbs.append(ClipGradNorm(spec.grad_clip))
-    if spec.early_stopping is not None and validate:
-        cbs.append(EarlyStopping(monitor="val/loss", patience=spec.early_stopping.patience,
-                                 min_delta=spec.early_stopping.min_delta, check_on_train_epoch_end=False))
-    tty = sys.stdout.isatty()
+    if loop.grad_clip and not manual:
+        cbs.append(ClipGradNorm(loop.grad_clip))
+    if loop.early_stopping is not None and validate:
+        cbs.append(EarlyStopping(monitor="val/loss", patience=loop.early_stopping.patience,
+                                 min_delta=loop.early_stopping.min_delta, check_on_train_epoch_end=False))
+    tty = sys.stdout.isatty() and not manual
     if tty:
         from lightning.pytorch.callbacks import RichProgressBar
 
         cbs.append(RichProgressBar())
-    else:
+    elif not manual:
         cbs.append(PrintProgress(ctx.name, steps))
     cbs += callbacks or []
     logger = StepLogger(run_id=ctx.run_id, tracking_uri=ctx.tracking_uri) if ctx.run_id else False
@@ -240,12 +253,17 @@ def make_trainer(ctx: StepContext, spec: TrainingStepSpec, steps: int, params: i
     return L.Trainer(
         accelerator=t.accelerator, devices=t.devices, strategy=t.strategy, num_nodes=t.num_nodes,
         precision=precision, max_steps=steps, max_epochs=-1,
-        accumulate_grad_batches=spec.accumulate,
-        val_check_interval=spec.val_every * spec.accumulate if validate else None,
-        check_val_every_n_epoch=None, limit_val_batches=spec.val_batches if validate else 0,
+        accumulate_grad_batches=1 if manual else loop.accumulate,
+        val_check_interval=loop.val_every * loop.accumulate if validate else None,
+        check_val_every_n_epoch=None, limit_val_batches=loop.val_batches if validate else 0,
         num_sanity_val_steps=0, logger=logger, callbacks=cbs, enable_progress_bar=tty,
-        enable_model_summary=False, log_every_n_steps=max(1, min(10, steps // 10)),
+        enable_model_summary=False, log_every_n_steps=1 if manual else max(1, min(10, steps // 10)),
         default_root_dir=str(ctx.ckpt_dir), benchmark=False)
+
+
+def perf_metrics(trainer: L.Trainer) -> dict[str, float]:
+    """The throughput of the last fit (`perf/tokens_per_s`, `perf/flops_per_s`)."""
+    return next((cb.summary() for cb in trainer.callbacks if isinstance(cb, Throughput)), {})
 
 
 def last_checkpoint(ctx: StepContext) -> str | None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from components import sizing
+from schemas import sizing
 
 
 @pytest.mark.parametrize("rule", ["tokens_per_param", "closed_form"])

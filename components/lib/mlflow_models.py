@@ -1,18 +1,21 @@
-"""Log a transformers model folder to the step's MLflow run with the transformers flavor."""
+"""Models in MLflow: log a transformers folder to the step's run (transformers flavor), the pinned requirements
+that go with it, and where the code came from (the git commit)."""
 
 from __future__ import annotations
 
 import os
+import subprocess
 from contextlib import contextmanager
 from pathlib import Path
 
-from components.context import StepContext
+from components.lib.context import StepContext
 
 # Explicit so that MLflow does not infer them from the environment (it probes for torchvision, absent here).
 PIP_REQUIREMENTS = ("torch", "transformers", "tokenizers", "safetensors", "accelerate")
 
 
-def _pins() -> list[str]:
+def pip_requirements() -> list[str]:
+    """The packages a logged model needs, pinned to the versions installed here."""
     from importlib.metadata import PackageNotFoundError, version
 
     pins = []
@@ -31,13 +34,10 @@ def log_transformers_model(ctx: StepContext, folder: Path, artifact_path: str = 
         return ""
     import mlflow
     from mlflow.tracking import MlflowClient
-    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
-
-    from components.models import is_masked_model
+    from components.lib.models import is_masked_model, load_model
 
     masked = is_masked_model(str(folder))
-    model = (AutoModelForMaskedLM if masked else AutoModelForCausalLM).from_pretrained(folder)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model, tokenizer = load_model(folder, "masked" if masked else "causal")
     if masked and task == "text-generation":
         task = "fill-mask"
     client = MlflowClient(tracking_uri=ctx.tracking_uri)
@@ -45,7 +45,7 @@ def log_transformers_model(ctx: StepContext, folder: Path, artifact_path: str = 
         try:
             with mlflow.start_run(run_id=ctx.run_id, nested=True):
                 info = mlflow.transformers.log_model({"model": model, "tokenizer": tokenizer}, name=artifact_path,
-                                                     task=task, pip_requirements=_pins(),
+                                                     task=task, pip_requirements=pip_requirements(),
                                                      registered_model_name=registered_name)
         finally:
             # start_run's exit marks the run FINISHED; the engine ends the step's run, so keep it running.
@@ -69,3 +69,25 @@ def tracking_to(uri: str | None):
             os.environ.pop("MLFLOW_TRACKING_URI", None)
         else:
             os.environ["MLFLOW_TRACKING_URI"] = saved_env
+
+
+def log_outputs(ctx: StepContext, outputs: dict[str, str]) -> None:
+    """Log a training step's results to its run: the standalone `model` with the transformers flavor, the peft
+    `adapter` and `metrics.json` as artifacts."""
+    if ctx.run_id is None:
+        return
+    if "adapter" in outputs:
+        ctx.log_artifact(ctx.out_dir / outputs["adapter"], "adapter")
+    if "model" in outputs:
+        log_transformers_model(ctx, ctx.out_dir / outputs["model"])
+    if "metrics" in outputs:
+        ctx.log_artifact(ctx.out_dir / outputs["metrics"])
+
+
+def git_commit(folder: Path) -> str | None:
+    """The commit checked out at `folder`, or None outside a git checkout."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (out.stdout.strip() or None) if out.returncode == 0 else None

@@ -1,7 +1,13 @@
-"""A Lightning DataModule over the token files that `tokenize` writes (numpy memmaps, never loaded whole)."""
+"""The token files that `tokenize` writes (numpy memmaps, never loaded whole) and a Lightning DataModule over them.
+
+Training reads shuffled consecutive blocks of the training stream (documents run into each other, separated
+by EOS, as in GPT-2). Validation reads the held-out documents the way `components/lib/scoring.py` scores
+them, so the `val/loss` of training and the perplexity of `evaluate` are one measurement.
+"""
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -35,27 +41,27 @@ class BlockDataset(Dataset):
 
 
 class TokenDataModule(L.LightningDataModule):
-    """Shuffled training blocks (seeded) and the first `val_batches` validation blocks, in order."""
+    """Shuffled (seeded) training blocks; the first `val_batches` batches of held-out windows (causal: scored
+    per document, `scoring.heldout_windows`; masked: consecutive blocks, `scoring.blocks`)."""
 
     def __init__(self, token_dir: str, context: int = 128, batch_size: int = 16, val_batches: int = 8,
-                 seed: int = 0, num_workers: int = 0):
+                 seed: int = 0, objective: str = "causal", tokenizer=None, num_workers: int = 0):
         super().__init__()
-        self.save_hyperparameters()
-        self.token_dir = Path(token_dir)
+        self.save_hyperparameters(ignore=["tokenizer"])
+        self.token_dir, self.tokenizer = Path(token_dir), tokenizer
 
     def setup(self, stage: str | None = None) -> None:
-        ctx = self.hparams.context
+        from components.lib import scoring
+
+        ctx, limit = self.hparams.context, self.hparams.val_batches * self.hparams.batch_size
         self.train_set = BlockDataset(read_tokens(self.token_dir, "train"), ctx)
-        val_tokens = read_tokens(self.token_dir, "val")
-        if len(val_tokens) < ctx:  # no held-out documents: validate on the training stream's tail
-            train = read_tokens(self.token_dir, "train")
-            val_tokens = train[-max(len(train) // 10, ctx):]
-        val = BlockDataset(val_tokens, ctx)
-        limit = min(len(val), self.hparams.val_batches * self.hparams.batch_size)
-        self.val_set = torch.utils.data.Subset(val, range(limit))
         if len(self.train_set) == 0:
             raise ValueError(f"training tokens ({len(self.train_set.tokens)}) are fewer than one block of "
                              f"{ctx}; lower model.context or use a larger corpus")
+        if self.hparams.objective == "masked":
+            self.val_set = scoring.blocks(read_tokens(self.token_dir, "val"), ctx, limit)
+        else:
+            self.val_set = scoring.heldout_windows(self.token_dir, self.tokenizer, ctx, limit)
 
     def train_dataloader(self) -> DataLoader:
         gen = torch.Generator().manual_seed(self.hparams.seed)
@@ -64,5 +70,10 @@ class TokenDataModule(L.LightningDataModule):
                           num_workers=self.hparams.num_workers)
 
     def val_dataloader(self) -> DataLoader:
+        from components.lib import scoring
+        from components.lib.text import pad_token
+
+        collate = scoring.pad_blocks if self.hparams.objective == "masked" else scoring.collate_windows
         return DataLoader(self.val_set, batch_size=self.hparams.batch_size, shuffle=False,
+                          collate_fn=functools.partial(collate, pad_id=pad_token(self.tokenizer)),
                           num_workers=self.hparams.num_workers)

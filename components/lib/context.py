@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -56,15 +55,6 @@ class StepResult:
         data = json.loads((folder / "result.json").read_text())
         return cls(dir=folder, name=data["name"], kind=data["kind"], fingerprint=data["fingerprint"],
                    outputs=data["outputs"], metrics=data["metrics"], info=data.get("info", {}))
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON so that readers see the old file or the new one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(data, fh, indent=2, sort_keys=True, default=str)
-    os.replace(tmp, path)
 
 
 def finite_metrics(metrics: dict[str, Any]) -> dict[str, float]:
@@ -122,7 +112,7 @@ class StepContext:
         if ref.startswith("hf:"):
             return ref[3:]
         if ref.startswith("models:/"):
-            from components.registry import download_registered
+            from components.lib.registry import download_registered
 
             return str(download_registered(ref, self.workdir / ".models", self.tracking_uri))
         return str(self.resolve_path(ref))

@@ -10,7 +10,7 @@ per-task accuracy reports that honestly (`TASK_STYLE`).
 
 Rows are `{"task", "prompt", "completion", "answer"}`. The prompt ends with "Answer:"; the completion
 is " <answer>\\n". Training appends the tokenizer's EOS after the completion (as TRL does), and
-generation stops at EOS or the first newline; `is_correct` compares the first generated line with the
+generation stops at EOS or the first newline; `evaluation.exact_match` compares the first generated line with the
 answer after trimming and collapsing spaces (case-sensitive: `capitalize` depends on case).
 """
 
@@ -138,13 +138,3 @@ def polite_requests(seed: int, n: int) -> list[dict]:
         rows.append({"prompt": f"Ask someone to {request}.", "chosen": f"{polite_opener} {request}.",
                      "rejected": f"{rude_opener} {request}.", "principle": "polite"})
     return rows
-
-
-def normalize(text: str) -> str:
-    """The first line, trimmed, with runs of spaces collapsed."""
-    return " ".join(text.strip().split("\n", 1)[0].split()) if text.strip() else ""
-
-
-def is_correct(row: dict, generated: str) -> bool:
-    """Exact match of the generated text's first line with the row's answer, after normalization."""
-    return normalize(generated.lstrip()) == normalize(str(row["answer"]))

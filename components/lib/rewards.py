@@ -1,0 +1,134 @@
+"""Rewards: verifiable reward functions registered by name, and the scores of a trained reward model.
+
+Verifiable rewards are Python functions registered by name, for `ppo.reward: {function: NAME}`.
+
+A reward function takes `(prompt, completion, row)` and returns a float; `row` is the prompt's data
+row (builtin task rows carry `answer`, JSONL rows whatever the file holds). Register your own with
+`@reward("name")` in a module that `ppo.reward.module` imports.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+RewardFn = Callable[[str, str, dict], float]
+REWARDS: dict[str, RewardFn] = {}
+
+
+def reward(name: str) -> Callable[[RewardFn], RewardFn]:
+    """Register a reward function under `name`."""
+    def register(fn: RewardFn) -> RewardFn:
+        REWARDS[name] = fn
+        return fn
+
+    return register
+
+
+def get_reward(name: str, module: str | None = None) -> RewardFn:
+    """The function registered as `name`, importing `module` first so it can register its own."""
+    if module:
+        importlib.import_module(module)
+    if name not in REWARDS:
+        from schemas.errors import did_you_mean
+
+        raise KeyError(f"reward.function: no reward function named {name!r}{did_you_mean(name, REWARDS)}; "
+                       f"registered: {', '.join(sorted(REWARDS))}")
+    return REWARDS[name]
+
+
+@reward("exact_match")
+def exact_match(prompt: str, completion: str, row: dict) -> float:
+    """1 when the completion's first line equals the row's `answer` (the task mixture's check), else 0."""
+    from components.lib.evaluation import exact_match
+
+    if "answer" not in row:
+        raise KeyError("reward 'exact_match' needs an 'answer' field in each prompt row")
+    return float(exact_match(completion, row["answer"]))
+
+
+@reward("contains_answer")
+def contains_answer(prompt: str, completion: str, row: dict) -> float:
+    """1 when the row's `answer` appears anywhere in the completion, else 0."""
+    if "answer" not in row:
+        raise KeyError("reward 'contains_answer' needs an 'answer' field in each prompt row")
+    return float(str(row["answer"]).strip() in completion)
+
+
+@reward("length_penalty")
+def length_penalty(prompt: str, completion: str, row: dict) -> float:
+    """−(characters / 100): a reward for brevity, to mix with others or to demonstrate reward hacking."""
+    return -len(completion) / 100
+
+
+# -- reward models ---------------------------------------------------------------------------------
+# A reward model is `AutoModelForSequenceClassification` with one output, read at the last attended token
+# (the EOS that ends the reply). `reward_model` trains one; `ppo` scores rollouts with it and, as a critic,
+# reads its head at every position.
+
+STATS_FILE = "reward_stats.json"
+
+
+def pooled_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of each row's last attended token, for left or right padding."""
+    width = attention_mask.shape[1]
+    positions = torch.arange(width, device=attention_mask.device)
+    return (positions * attention_mask.long()).argmax(1)
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted over attended tokens only, so left padding does not shift them."""
+    return (attention_mask.long().cumsum(1) - 1).clamp(min=0)
+
+
+def token_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The score head applied at every position: (batch, length). Used as reward and as critic values."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    backbone = getattr(inner, inner.base_model_prefix)
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask,
+                      position_ids=position_ids(attention_mask)).last_hidden_state
+    return inner.score(hidden).squeeze(-1).float()
+
+
+def sequence_rewards(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """One reward per sequence, read at its last attended token."""
+    scores = token_scores(model, input_ids, attention_mask)
+    return scores.gather(1, pooled_index(attention_mask)[:, None]).squeeze(1)
+
+
+def load_reward_model(source: str, seed: int = 0):
+    """(model, tokenizer): a one-output classification head on `source`, with a pad distinct from EOS."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+    from trl.trainer.utils import disable_dropout_in_model
+
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # "score weights newly initialized" is expected here
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=1)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        # With pad == EOS the final EOS would count as padding and the reward would be read too early.
+        tokenizer.add_special_tokens({"pad_token": "<pad>"})
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if not (Path(source) / STATS_FILE).is_file():  # a fresh head: N(0, 1/√(d+1)) as in Huang et al. 2024
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            w = model.score.weight
+            w.copy_(torch.randn(w.shape, generator=gen) / math.sqrt(w.shape[1] + 1))
+    disable_dropout_in_model(model)
+    return model, tokenizer
+
+
+def read_reward_stats(folder: str | Path) -> dict:
+    """The statistics a reward_model step saved beside its weights ({} for foreign folders)."""
+    path = Path(folder) / STATS_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}

@@ -1,0 +1,109 @@
+"""What can be known before anything trains, checked when a spec is validated.
+
+- A reference names a step that writes what the field needs *with its settings* (a finetune with prompt
+  tuning writes no merged model; a dpo with `peft: {method: full}` no adapter), and a causal model where
+  one is needed.
+- An `evaluate` step with nothing to measure scores the held-out tokens its model's chain was trained on
+  (the tokenize step found through pretrain's `tokenizer`, finetune's `tokens` and the steps' models), or is
+  an error when the chain has none.
+- A register gate, `beat_champion` or monitor's `validation_perplexity` names a metric its step will emit
+  with its settings (schemas/metrics.py).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .base import StepSpec, is_external
+from .errors import Problem, did_you_mean
+from .loader import Document
+from .metrics import emits, emitted
+
+MODEL_FIELDS = ("model", "policy", "init_from")  # the fields through which a step's model descends from another
+
+
+def fill_implied(spec: Any, doc: Document) -> list[Problem]:
+    """Give an `evaluate` with nothing to measure the held-out tokens of its model's chain (or report it)."""
+    problems = []
+    for name, step in spec.steps.items():
+        if step.kind != "evaluate" or any((step.tokens, step.texts, step.tasks, step.generation, step.embeddings)):
+            continue
+        found = heldout_tokens(spec.steps, step.model)
+        if found is None:
+            problems.append(doc.problem(("steps", name), "evaluate has nothing to measure: give tokens, texts, tasks, "
+                                        f"generation or embeddings (its model '{step.model}' was not trained on a "
+                                        "tokenize step of this pipeline, so there are no held-out tokens to default "
+                                        "to)"))
+        else:
+            step.tokens = found
+    return problems
+
+
+def heldout_tokens(steps: dict[str, StepSpec], ref: str, seen: frozenset = frozenset()) -> str | None:
+    """The tokenize step whose held-out split the model of `ref` was trained on, if the pipeline knows it."""
+    step = steps.get(ref) if isinstance(ref, str) and not is_external(ref) else None
+    if step is None or ref in seen:
+        return None
+    if step.kind == "tokenize":
+        return ref
+    if step.kind == "pretrain":
+        return step.tokenizer
+    if getattr(step, "tokens", None):
+        return step.tokens
+    return next((found for f in MODEL_FIELDS if (found := heldout_tokens(steps, getattr(step, f, None), seen | {ref}))),
+                None)
+
+
+def causal(steps: dict[str, StepSpec], ref: str) -> bool | None:
+    """Whether the model `ref` names is causal (None: from outside the pipeline, unknown)."""
+    step = steps.get(ref)
+    if step is None:
+        return None
+    if step.kind == "pretrain":
+        return step.objective == "causal"
+    return step.kind != "reward_model"
+
+
+def output_problem(doc: Document, where: tuple, target: str, steps: dict, ref) -> Problem | None:
+    """The problem with a reference to `target` for output `ref.output`, or None when it is fine."""
+    step = steps[target]
+    if ref.output != "*" and ref.output not in step.outputs():
+        why = step.why_no(ref.output)
+        able = [n for n, s in steps.items() if s is not None and ref.output in s.outputs()]
+        return doc.problem(where, f"step '{target}' ({step.kind}) writes no {ref.output}"
+                           + (f": {why}" if why else "") + f"; it writes {', '.join(sorted(step.outputs())) or 'nothing'}"
+                           + (f"; steps that write one: {', '.join(able)}" if able else ""))
+    if ref.causal and causal(steps, target) is False:
+        return doc.problem(where, f"step '{target}' ({step.kind}) makes a masked LM; this field needs a causal LM")
+    return None
+
+
+def gate_problems(spec: Any, doc: Document) -> list[Problem]:
+    """Every gate and metric reference names a metric its step will emit."""
+    up = spec.steps.get
+    problems = []
+    for name, step in spec.steps.items():
+        for where, operand in metric_operands(step):
+            target = spec.steps.get(operand.step)
+            if target is None:
+                continue  # reported as an unknown step
+            names = emits(target, up)
+            if not emitted(operand.metric, names):
+                shown = ", ".join(names)
+                problems.append(doc.problem(("steps", name) + where, f"step '{operand.step}' ({target.kind}) does not "
+                                            f"emit '{operand.metric}' with its settings"
+                                            f"{did_you_mean(operand.metric, names)}; it emits: {shown}"))
+    return problems
+
+
+def metric_operands(step: StepSpec):
+    """(field path, Operand) for every STEP.METRIC a step reads."""
+    from .steps.register import parse_operand
+
+    if step.kind == "register":
+        for i, condition in enumerate(step.conditions()):
+            for operand in (condition.left, condition.right):
+                if operand.step is not None:
+                    yield ("gate", i), operand
+        if step.beat_champion is not None:
+            yield ("beat_champion", "metric"), parse_operand(step.beat_champion.metric)

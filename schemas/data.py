@@ -1,0 +1,148 @@
+"""Data sections: where a step's corpus, rows, pairs or prompts come from (shared by several kinds).
+
+Fields holding files (globs relative to the spec) are `InputFiles`: their contents are part of the step's
+fingerprint, so editing a data file re-runs the steps that read it.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, model_validator
+
+from .base import InputFile, InputFiles, Ref, Section
+
+# The builtin task mixture's tasks (components/lib/tasks.py; a test keeps the two lists equal).
+BUILTIN_TASKS = ("copy", "reverse", "capitalize", "count", "larger", "add", "sentiment", "polite")
+BuiltinTask = Literal[BUILTIN_TASKS]  # type: ignore[valid-type]
+
+
+class DatasetSource(Section):
+    """A corpus read through the `datasets` library (a local folder works offline)."""
+
+    path: InputFile
+    """Dataset name on the hub, a loader name (`json`, `text`) or a local folder."""
+    name: str | None = None
+    """Dataset configuration name."""
+    split: str = "train"
+    """Split to read."""
+    text_field: str = "text"
+    """Column holding the text."""
+    data_files: InputFiles | None = None
+    """Files for loader names such as `json` or `text`."""
+
+
+class CorpusSpec(Section):
+    """Where the text comes from: exactly one of `builtin`, `files` or `dataset`."""
+
+    builtin: Literal["pydoc"] | None = None
+    """A corpus that ships with Python: `pydoc` is the pydoc topics (~465 KB of English)."""
+    files: InputFiles | None = None
+    """Globs of .txt files (documents separated by blank lines) or .jsonl files, relative to the spec."""
+    text_field: str = "text"
+    """Field holding the text in .jsonl rows."""
+    dataset: DatasetSource | None = None
+    """A `datasets` source."""
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "CorpusSpec":
+        given = [k for k in ("builtin", "files", "dataset") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of builtin, files, dataset (got {', '.join(given) or 'none'})")
+        return self
+
+
+class SftDataSpec(Section):
+    """Instruction data: exactly one of `files`, `builtin` or `step`."""
+
+    files: InputFiles | None = None
+    """Globs of JSONL files (relative to the spec) with {prompt, completion} or {messages: [...]} rows."""
+    eval_files: InputFiles | None = None
+    """Globs of held-out JSONL files in the same formats (default: eval_fraction of the training rows)."""
+    builtin: Literal["tasks"] | None = None
+    """`tasks`: the project's templated task mixture, with held-out combinations for evaluation."""
+    tasks: list[BuiltinTask] | None = None
+    """Subset of the builtin tasks (default: all)."""
+    n_per_task: int = Field(300, ge=1, le=1_000_000)
+    """Builtin: training examples per task."""
+    eval_per_task: int = Field(40, ge=1, le=100_000)
+    """Builtin: held-out examples per task."""
+    step: Annotated[str | None, Ref("data")] = None
+    """A step whose data output holds `sft.jsonl`."""
+    eval_fraction: float = Field(0.1, gt=0, lt=1)
+    """Share of the rows held out for evaluation when no eval_files are given (files and step data)."""
+    max_length: int = Field(256, ge=8)
+    """Tokens per example (prompt cut from the left, then the completion from the right)."""
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "SftDataSpec":
+        given = [k for k in ("files", "builtin", "step") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of files, builtin, step (got {', '.join(given) or 'none'})")
+        if self.eval_files is not None and self.files is None:
+            raise ValueError("eval_files goes with files")
+        builtin_only = {"tasks", "n_per_task", "eval_per_task"} & self.model_fields_set
+        if builtin_only and self.builtin is None:
+            raise ValueError(f"{', '.join(sorted(builtin_only))} apply to builtin: tasks only")
+        return self
+
+
+class PromptDataSpec(Section):
+    """Prompts to roll out from: exactly one of `files` or `builtin`; held-out prompts measure the result."""
+
+    files: InputFiles | None = None
+    """Globs of JSONL files with rows {prompt, ...} (or chat `messages`); other fields reach reward functions."""
+    eval_files: InputFiles | None = None
+    """Globs of held-out JSONL prompt files; default: hold out `eval_fraction` of the rows."""
+    builtin: Literal["tasks"] | None = None
+    """`tasks`: the prompts of the builtin task mixture, with answers for verifiable rewards."""
+    tasks: list[BuiltinTask] | None = None
+    """Builtin only: which tasks of the mixture (default: all)."""
+    n_per_task: int = Field(64, ge=1)
+    """Builtin only: training prompts per task (held-out: a quarter of that, at least 4)."""
+    eval_fraction: float = Field(0.1, gt=0, lt=1)
+    """Share of file rows held out when no `eval_files` are given."""
+    max_length: int = Field(128, ge=4)
+    """Prompt tokens kept (cut from the left)."""
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "PromptDataSpec":
+        given = [k for k in ("files", "builtin") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of files, builtin (got {', '.join(given) or 'none'})")
+        if self.eval_files is not None and self.files is None:
+            raise ValueError("eval_files goes with files")
+        return self
+
+
+class PreferenceDataSpec(Section):
+    """Preference pairs: exactly one of `files`, `builtin` or `step`."""
+
+    files: InputFiles | None = None
+    """Globs of JSONL files (relative to the spec) with {prompt, chosen, rejected, score?} rows (text or chat)."""
+    eval_files: InputFiles | None = None
+    """Globs of held-out JSONL files in the same format (default: eval_fraction of the training rows)."""
+    builtin: Literal["preferences"] | None = None
+    """`preferences`: correct vs near-miss answers on the task mixture, and polite vs rude wording."""
+    tasks: list[BuiltinTask] | None = None
+    """Builtin: which tasks to draw pairs from (default: all but `add`)."""
+    n_per_task: int = Field(200, ge=1, le=1_000_000)
+    """Builtin: training pairs per task."""
+    step: Annotated[str | None, Ref("data")] = None
+    """A step whose data output holds `preferences.jsonl` (e.g. a `constitutional` step)."""
+    eval_fraction: float = Field(0.1, gt=0, lt=1)
+    """Share of the pairs held out for evaluation when no eval_files are given (files and step data)."""
+    max_length: int = Field(256, ge=8)
+    """Tokens per prompt + reply (the prompt is cut from the left, then the reply from the right)."""
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "PreferenceDataSpec":
+        given = [k for k in ("files", "builtin", "step") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of files, builtin, step (got {', '.join(given) or 'none'})")
+        if self.eval_files is not None and self.files is None:
+            raise ValueError("eval_files goes with files")
+        builtin_only = {"tasks", "n_per_task"} & self.model_fields_set
+        if builtin_only and self.builtin is None:
+            raise ValueError(f"{', '.join(sorted(builtin_only))} apply to builtin: preferences only")
+        return self
