@@ -25,7 +25,8 @@ PROMPTS = ["The for statement", "A class definition", "The import system", "Exce
 def build(root: Path, quick: bool):
     from bench_pretrain import make_ctx  # noqa: the sibling benchmark's helpers
 
-    from components.lib import models, tokenize
+    from components import tokenize
+    from components.lib import models
     from schemas.steps.pretrain import ModelSpec
     from schemas.steps.tokenize import TokenizeSpec
 

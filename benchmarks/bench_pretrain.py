@@ -152,7 +152,7 @@ def main() -> None:
     spec = PretrainSpec(kind="pretrain", tokenizer="tokenizer", model={"family": "llama", "context": 128, **size},
                         optimizer={"lr": 1e-3, "weight_decay": 0.1}, schedule={"warmup_steps": 5}, batch_size=16,
                         max_steps=steps, val_every=10 * steps, checkpoint_every=10 * steps, log_model=False)
-    data = TokenDataModule(str(tok_result.path("tokens")), context=128, batch_size=16, seed=0)
+    data = TokenDataModule(str(tok_result.path("tokens")), context=128, batch_size=16, seed=0, tokenizer=tok)
     data.setup("fit")
     loader = iter(data.train_dataloader())
     blocks = []

@@ -67,10 +67,11 @@ def train(folder: Path):
 
 def baseline(tokenizer, corpus: Path) -> int:
     """Plain tokenizers: encode_batch over the same documents in batches of the same size."""
-    from components.tokenize import ENCODE_BATCH, _text_docs
+    from components.lib.corpus import text_documents
+    from components.tokenize import ENCODE_BATCH
 
     backend, batch, tokens = tokenizer.backend_tokenizer, [], 0
-    for doc in _text_docs(corpus):
+    for doc in text_documents(corpus):
         batch.append(doc)
         if len(batch) == ENCODE_BATCH:
             tokens += sum(len(e.ids) for e in backend.encode_batch(batch, add_special_tokens=False))

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 
 from components.lib.context import StepContext, StepOutput
 from components.lib.mlflow_models import log_outputs
-from components.lib.models import load_model
+from components.lib.models import evaluating, load_model
 from components.lib.peft import apply_peft, save_outputs
 from components.lib.preferences import collate_pairs, encode_pairs, load_preferences
 from components.lib.training import configure_optimizer, count_parameters, fit, make_trainer, perf_metrics, total_steps
@@ -101,8 +101,8 @@ class DpoModule(L.LightningModule):
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         stats = self.pair_stats(batch)
         n = len(batch["score"])
-        self.log("val/loss", stats["loss"], prog_bar=True, batch_size=n)
-        self.log_dict({f"val/{k}": v for k, v in stats.items() if k != "loss"}, batch_size=n)
+        self.log("val/loss", stats["loss"], prog_bar=True, batch_size=n, sync_dist=True)  # mean over ranks
+        self.log_dict({f"val/{k}": v for k, v in stats.items() if k != "loss"}, batch_size=n, sync_dist=True)
 
     def configure_optimizers(self):
         return configure_optimizer(self.policy.named_parameters(), self.hparams.optimizer or {},
@@ -113,22 +113,21 @@ class DpoModule(L.LightningModule):
 def preference_report(module: DpoModule, loader: DataLoader) -> dict[str, float]:
     """On held-out pairs: the DPO loss (with the pairs' soft labels when the step uses them), how often the
     policy itself gives the chosen reply the higher log-prob, and the implicit reward accuracy and margin."""
-    was = module.policy.training
-    module.policy.eval()
     prefers, acc, margin, loss, n = 0.0, 0.0, 0.0, 0.0, 0
-    for batch in loader:
-        batch = {k: v.to(module.device) for k, v in batch.items()}
-        logps = completion_logps(module.policy, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
-        pc, pr = logps.chunk(2)
-        rc, rr = module.reference_logps(batch).chunk(2)
-        score = batch["score"] if module.hparams.soft_labels else None
-        losses, cr, rj = dpo_loss(pc, pr, rc, rr, module.hparams.beta, score)
-        loss += float(losses.sum())
-        prefers += float((pc > pr).sum())
-        acc += float((cr > rj).sum())
-        margin += float((cr - rj).sum())
-        n += len(pc)
-    module.policy.train(was)
+    with evaluating(module.policy):
+        for batch in loader:
+            batch = {k: v.to(module.device) for k, v in batch.items()}
+            logps = completion_logps(module.policy, batch["input_ids"], batch["attention_mask"],
+                                     batch["completion_mask"])
+            pc, pr = logps.chunk(2)
+            rc, rr = module.reference_logps(batch).chunk(2)
+            score = batch["score"] if module.hparams.soft_labels else None
+            losses, cr, rj = dpo_loss(pc, pr, rc, rr, module.hparams.beta, score)
+            loss += float(losses.sum())
+            prefers += float((pc > pr).sum())
+            acc += float((cr > rj).sum())
+            margin += float((cr - rj).sum())
+            n += len(pc)
     return {"val/loss": loss / max(n, 1), "val/policy_prefers_chosen": prefers / max(n, 1),
             "val/rewards/accuracy": acc / max(n, 1), "val/rewards/margin": margin / max(n, 1)}
 

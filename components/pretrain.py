@@ -5,7 +5,7 @@ Writes: `model/` (a transformers folder, safetensors, with the tokenizer), `loss
 `curve.json`; logs train/loss, val/loss, val/perplexity, lr, tokens/s and FLOP/s to the step's run, and
 the model with MLflow's transformers flavor. Objectives: next-token prediction (Radford et al. 2018)
 or BERT's masked LM (Devlin et al. 2019: 15% of non-special tokens, 80% [MASK] / 10% random / 10% kept).
-Optional compute-optimal sizing follows Hoffmann et al. 2022 (components/sizing.py).
+Optional compute-optimal sizing follows Hoffmann et al. 2022 (schemas/sizing.py).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from components.lib.context import StepContext, StepOutput
 from components.lib.text import pad_token
 from components.lib.tokens import TokenDataModule
 from components.lib.training import (configure_optimizer, count_parameters, fit, make_trainer, perf_metrics,
-                                     total_steps, world_size)
+                                     sum_over_ranks, total_steps, world_size)
 from schemas.steps.pretrain import PretrainSpec
 
 MAX_INIT_CONTEXT = 512  # block length when continuing a model whose positions allow more
@@ -72,11 +72,8 @@ class LMModule(L.LightningModule):
             self.scores = self.scores + scoring.batch_scores(logits, batch["labels"])
 
     def on_validation_epoch_end(self) -> None:
-        s = self.scores
-        stats = torch.tensor([s.nll, float(s.count)], dtype=torch.float64, device=self.device)
-        if self.trainer.world_size > 1:  # each rank scored its share of the windows
-            stats = self.trainer.strategy.reduce(stats, reduce_op="sum")
-        self.scores = scoring.Scores(float(stats[0]), int(stats[1]))
+        nll, count = sum_over_ranks(self, self.scores.nll, self.scores.count)  # each rank scored its share
+        self.scores = scoring.Scores(nll, int(count))
         self.log_dict({"val/loss": self.scores.loss, "val/perplexity": self.scores.perplexity}, prog_bar=True)
 
     def configure_optimizers(self):
@@ -142,17 +139,12 @@ def validation_scores(module: LMModule, data: TokenDataModule, trainer: L.Traine
     """The module's current weights on the validation windows, under the Trainer's precision (in this process,
     on every rank: each scores them all)."""
     data.setup("validate")
-    was_training = module.training
-    module.eval()
     module.on_validation_epoch_start()
-    try:
-        with trainer.precision_plugin.val_step_context():
-            for i, batch in enumerate(data.val_dataloader()):
-                batch = batch.to(module.device) if torch.is_tensor(batch) else {k: v.to(module.device)
-                                                                                 for k, v in batch.items()}
-                module.validation_step(batch, i)
-    finally:
-        module.train(was_training)
+    with models.evaluating(module), trainer.precision_plugin.val_step_context():
+        for i, batch in enumerate(data.val_dataloader()):
+            batch = batch.to(module.device) if torch.is_tensor(batch) else {k: v.to(module.device)
+                                                                             for k, v in batch.items()}
+            module.validation_step(batch, i)
     return module.scores
 
 

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 
 from components.lib.context import StepContext, StepOutput
 from components.lib.io import write_json_atomic
-from components.lib.models import save_pretrained
+from components.lib.models import evaluating, save_pretrained
 from components.lib.preferences import collate_pairs, encode_pairs, load_preferences
 from components.lib.rewards import STATS_FILE, load_reward_model, sequence_rewards
 from components.lib.training import configure_optimizer, count_parameters, fit, make_trainer, perf_metrics, total_steps
@@ -65,7 +65,7 @@ class RewardModule(L.LightningModule):
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         loss, r_c, r_r = self._step(batch)
         self.log_dict({"val/loss": loss, "val/accuracy": (r_c > r_r).float().mean(),
-                       "val/margin": (r_c - r_r).mean()}, batch_size=len(r_c))
+                       "val/margin": (r_c - r_r).mean()}, batch_size=len(r_c), sync_dist=True)  # over ranks
 
     def configure_optimizers(self):
         return configure_optimizer(self.model.named_parameters(), self.hparams.optimizer or {},
@@ -76,14 +76,12 @@ class RewardModule(L.LightningModule):
 def evaluate_pairs(model, loader) -> dict[str, float]:
     """On held-out pairs: accuracy (ties count as wrong), mean margin, loss; rewards' mean and std, and the mean
     reward of the chosen replies (what `ppo` subtracts to centre its rewards)."""
-    was = model.training
-    model.eval()
     chosen, rejected = [], []
-    for batch in loader:
-        r_c, r_r = sequence_rewards(model, batch["input_ids"], batch["attention_mask"]).chunk(2)
-        chosen.append(r_c)
-        rejected.append(r_r)
-    model.train(was)
+    with evaluating(model):
+        for batch in loader:
+            r_c, r_r = sequence_rewards(model, batch["input_ids"], batch["attention_mask"]).chunk(2)
+            chosen.append(r_c)
+            rejected.append(r_r)
     r_c, r_r = torch.cat(chosen), torch.cat(rejected)
     both = torch.cat([r_c, r_r])
     return {"val/accuracy": float((r_c > r_r).float().mean()), "val/margin": float((r_c - r_r).mean()),

@@ -6,6 +6,7 @@ the code. The specs run as a user runs them (`llmcycle run`, embedded defaults) 
 
     .venv/bin/python docs/figures.py                        # all of them (about 15 minutes on 2 cores)
     .venv/bin/python docs/figures.py --only quickstart      # one group: quickstart, monitor, constitutional, peft-zoo
+    .venv/bin/python docs/figures.py --only metrics         # the metric table (schemas/metrics.py), instantly
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 README = REPO / "README.md"
-GROUPS = ("quickstart", "monitor", "constitutional", "peft-zoo")
+GROUPS = ("metrics", "quickstart", "monitor", "constitutional", "peft-zoo")
 
 
 class Project:
@@ -35,9 +36,9 @@ class Project:
         self.root = root
         shutil.copytree(REPO / "specs", root / "specs")
 
-    def run(self, spec: str, *sets: str, allow_failure: bool = False) -> float:
-        """`llmcycle run specs/SPEC.yaml`; returns the wall seconds."""
-        command = [sys.executable, "-m", "flows.cli", "run", str(self.root / "specs" / f"{spec}.yaml")]
+    def run(self, spec: str, *sets: str, allow_failure: bool = False, flags: tuple[str, ...] = ()) -> float:
+        """`llmcycle run specs/SPEC.yaml [FLAGS] [--set SET]...`; returns the wall seconds."""
+        command = [sys.executable, "-m", "flows.cli", "run", str(self.root / "specs" / f"{spec}.yaml"), *flags]
         for value in sets:
             command += ["--set", value]
         env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_API"))}
@@ -46,13 +47,21 @@ class Project:
         out = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
         if out.returncode != 0 and not allow_failure:
             raise SystemExit(f"{' '.join(command)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
-        print(f"  {spec} {' '.join(sets)}: {time.perf_counter() - started:.0f} s", flush=True)
-        return time.perf_counter() - started
+        seconds = time.perf_counter() - started
+        print(f"  {spec} {' '.join((*flags, *sets))}: {seconds:.0f} s", flush=True)
+        return seconds
 
     def metrics(self, step: str) -> dict[str, float]:
         """The newest complete result of `step`."""
         found = sorted(glob.glob(str(self.root / "runs" / step / "*" / "result.json")), key=os.path.getmtime)
         return json.loads(Path(found[-1]).read_text())["metrics"]
+
+
+def metrics(p: Project) -> str:
+    """Every metric of every kind, from the table the gate checks and the kinds' tests read."""
+    from schemas.metrics import table
+
+    return table()
 
 
 def quickstart(p: Project) -> str:
@@ -103,7 +112,7 @@ def monitor(p: Project) -> str:
     return (f"Its data, held-out pydoc topics, passes (perplexity {ok['drift/perplexity']:.1f} against the champion's "
             f"{ok['drift/reference_perplexity']:.1f}, ratio {ok['drift/perplexity_ratio']:.2f}, JS "
             f"{ok['drift/js_divergence']:.3f}); the drifted example (stdlib module docstrings) fails: perplexity "
-            f"{drifted['drift/perplexity']:.0f} is {drifted['drift/perplexity_ratio']:.1f}x the champion's")
+            f"{drifted['drift/perplexity']:.0f} is {drifted['drift/perplexity_ratio']:.1f}x the champion's.")
 
 
 def constitutional(p: Project) -> str:
@@ -122,7 +131,7 @@ def constitutional(p: Project) -> str:
             f"the policy's own log-probability prefers the polite reply on {align['before/val/policy_prefers_chosen']:.2f}"
             f" of held-out pairs before and {align['val/policy_prefers_chosen']:.2f} after. With the red-team prompts, "
             f"whose wording the judge never saw, agreement is {red_agree} (position bias "
-            f"{red['labels/position_bias']:+.2f}): the judge learned its task, not politeness in general")
+            f"{red['labels/position_bias']:+.2f}): the judge learned its task, not politeness in general.")
 
 
 def peft_zoo(p: Project) -> str:
@@ -133,7 +142,7 @@ def peft_zoo(p: Project) -> str:
     shown = "; ".join(f"{n} {m['tasks/0shot/accuracy']:.2f} / {_count(m['params/trainable'])} / "
                       f"{m['forgetting/perplexity_ratio']:.1f}x" for n, m in rows)
     return (f"Measured here (seed 0, 300 steps each, no replay, {_duration(seconds)} in all): held-out zero-shot exact "
-            f"match / trainable parameters / forgetting (pretraining perplexity, tuned over base): {shown}")
+            f"match / trainable parameters / forgetting (pretraining perplexity, tuned over base): {shown}.")
 
 
 def _curve(p: Project, step: str) -> list[tuple[int, float]]:
@@ -172,7 +181,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", action="append", choices=GROUPS, help="rerun only these groups (repeatable)")
     args = parser.parse_args()
-    makers = {"quickstart": quickstart, "monitor": monitor, "constitutional": constitutional, "peft-zoo": peft_zoo}
+    makers = {"metrics": metrics, "quickstart": quickstart, "monitor": monitor, "constitutional": constitutional, "peft-zoo": peft_zoo}
     with tempfile.TemporaryDirectory(prefix="llmcycle-figures-") as tmp:
         project = Project(Path(tmp))
         text = README.read_text()

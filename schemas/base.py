@@ -20,12 +20,14 @@ class Ref:
 
     With `external=True` the string may instead be an external model: `hf:ID`, `./path`, `../path`,
     `/path` or `models:/name@alias`; a bare name is always a step. `causal=True`: the model must be a
-    causal LM (a masked one cannot generate or be fine-tuned as one).
+    causal LM (a masked one cannot generate or be fine-tuned as one). `heldout=True`: the field reads the
+    tokenize step's held-out (`val`) split, so that step must hold documents out (`val_fraction > 0`).
     """
 
     output: str
     external: bool = False
     causal: bool = False
+    heldout: bool = False
 
 
 @dataclass(frozen=True)
@@ -37,7 +39,7 @@ class Input:
 InputFiles = Annotated[list[str], Input()]
 InputFile = Annotated[str, Input()]
 StepName = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_-]*$")]
-TokenizerRef = Annotated[str, Ref("tokenizer")]
+TokenizerRef = Annotated[str, Ref("tokenizer", heldout=True)]  # with its token files, validation included
 ModelRef = Annotated[str, Ref("model", external=True),
                      Field(description="A step that produced a model, or `hf:ID`, `./path`, `/path`, "
                                        "`models:/name@alias`.")]
@@ -70,6 +72,10 @@ class StepSpec(Section):
     def outputs(self) -> frozenset[str]:
         """The outputs this step writes with its settings (a subset of `produces`)."""
         return self.produces
+
+    def reads_heldout(self, path: tuple, ref: Ref) -> bool:
+        """Whether the reference at `path` reads its tokenize step's held-out split with these settings."""
+        return ref.heldout
 
     def why_no(self, output: str) -> str:
         """Why the settings rule `output` out (for the error of a step that reads it), or ""."""

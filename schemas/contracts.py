@@ -6,8 +6,10 @@
 - An `evaluate` step with nothing to measure scores the held-out tokens its model's chain was trained on
   (the tokenize step found through pretrain's `tokenizer`, finetune's `tokens` and the steps' models), or is
   an error when the chain has none.
-- A register gate, `beat_champion` or monitor's `validation_perplexity` names a metric its step will emit
-  with its settings (schemas/metrics.py).
+- A register gate or `beat_champion` names a metric its step will emit with its settings
+  (schemas/metrics.py). (monitor's `validation_perplexity` names a tag of a registered version, which
+  another pipeline may have written, so it is checked when the tag is read.)
+- A field that reads a tokenize step's held-out split names one that holds documents out.
 """
 
 from __future__ import annotations
@@ -29,11 +31,12 @@ def fill_implied(spec: Any, doc: Document) -> list[Problem]:
         if step.kind != "evaluate" or any((step.tokens, step.texts, step.tasks, step.generation, step.embeddings)):
             continue
         found = heldout_tokens(spec.steps, step.model)
-        if found is None:
+        if found is None or spec.steps[found].val_fraction == 0:
+            why = (f"its model '{step.model}' was not trained on a tokenize step of this pipeline, so there are no "
+                   "held-out tokens to default to" if found is None else
+                   f"the tokenize step '{found}' its model was trained on holds no documents out (val_fraction: 0)")
             problems.append(doc.problem(("steps", name), "evaluate has nothing to measure: give tokens, texts, tasks, "
-                                        f"generation or embeddings (its model '{step.model}' was not trained on a "
-                                        "tokenize step of this pipeline, so there are no held-out tokens to default "
-                                        "to)"))
+                                        f"generation or embeddings ({why})"))
         else:
             step.tokens = found
     return problems
@@ -64,9 +67,13 @@ def causal(steps: dict[str, StepSpec], ref: str) -> bool | None:
     return step.kind != "reward_model"
 
 
-def output_problem(doc: Document, where: tuple, target: str, steps: dict, ref) -> Problem | None:
-    """The problem with a reference to `target` for output `ref.output`, or None when it is fine."""
+def output_problem(doc: Document, where: tuple, target: str, steps: dict, ref, heldout: bool = False) -> Problem | None:
+    """The problem with a reference to `target` for output `ref.output`, or None when it is fine (`heldout`: the
+    field reads the held-out split, which a tokenize step with `val_fraction: 0` does not write)."""
     step = steps[target]
+    if heldout and step.kind == "tokenize" and step.val_fraction == 0:
+        return doc.problem(where, f"this reads the held-out split of step '{target}', which holds no documents out "
+                           "(val_fraction: 0); give it a val_fraction above 0")
     if ref.output != "*" and ref.output not in step.outputs():
         why = step.why_no(ref.output)
         able = [n for n, s in steps.items() if s is not None and ref.output in s.outputs()]

@@ -45,7 +45,8 @@ def _m(name, doc, when="", test=ALWAYS) -> Metric:
 
 
 TIME = _m("time/seconds", "wall time of the step's run, in seconds")
-PERF = [_m("perf/tokens_per_s", "training tokens per second (this attempt, all processes)"),
+PERF = [_m("perf/tokens_per_s", "training tokens per second (this attempt, all processes, validation rounds "
+                                    "excluded)"),
         _m("perf/flops_per_s", "achieved training FLOP/s, 6 x parameters x tokens/s (Kaplan et al. 2020)")]
 
 
@@ -75,9 +76,11 @@ def _score(prefix: str, when: str, test) -> list[Metric]:
 
 
 def _tasks(prefix: str, when: str, test) -> list[Metric]:
+    whose = {"": "", "before/": " of the model before tuning",
+             "gain/": ": after minus before (tasks/... - before/tasks/...)"}[prefix]
     return [_m(f"{prefix}tasks/{{k}}shot/accuracy", "exact match (or choice) accuracy over every question, "
-               "with k solved examples first", when, test),
-            _m(f"{prefix}tasks/{{k}}shot/{{task}}", "the same for one task", when, test)]
+               f"with k solved examples first{whose}", when, test),
+            _m(f"{prefix}tasks/{{k}}shot/{{task}}", f"the same for one task{whose}", when, test)]
 
 
 def _loop(val: bool = True) -> list[Metric]:

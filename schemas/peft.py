@@ -69,3 +69,34 @@ class PeftSpec(Section):
     def is_adapter(self) -> bool:
         """True when training produces a peft adapter (kept apart from the base weights)."""
         return self.method in ADAPTER_METHODS
+
+
+class WritesTunedModel:
+    """For a kind that tunes a model with its `peft: PeftSpec` and `merge: bool | None` fields (finetune, dpo):
+    which of `model` and `adapter` it writes, and why not the other. (No annotations here: pydantic would
+    take them for fields of the kind, ahead of its own.)"""
+
+    def merge_problem(self) -> str:
+        """The error of settings that cannot be merged, or ""."""
+        if self.merge and self.peft.method == "prompt_tuning":
+            return "prompt_tuning cannot be merged (virtual tokens have no weight form); set merge: false"
+        return ""
+
+    @property
+    def merged(self) -> bool:
+        """Whether a standalone `model` folder is written."""
+        return self.peft.method != "prompt_tuning" if self.merge is None else self.merge
+
+    def tuned_outputs(self) -> set[str]:
+        """`adapter` for adapter methods, `model` when merged or trained in place, and the `tokenizer`."""
+        adapter = {"adapter"} if self.peft.is_adapter else set()
+        model = {"model"} if self.merged or not self.peft.is_adapter else set()
+        return adapter | model | {"tokenizer"}
+
+    def why_no(self, output: str) -> str:
+        if output == "model":
+            return f"peft method {self.peft.method} writes an adapter only" + (
+                " (prompt tuning has no merged form)" if self.peft.method == "prompt_tuning" else "; set merge: true")
+        if output == "adapter":
+            return f"peft method {self.peft.method} trains the weights themselves, so there is no adapter"
+        return ""

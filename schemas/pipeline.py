@@ -161,7 +161,8 @@ def _reference_problems(doc: Document, steps: dict[str, StepSpec | None]) -> lis
                 problems.append(doc.problem(where, f"no step named '{target}'{did_you_mean(target, steps)}"
                                             + (" (external models are written hf:ID, ./path, /path or "
                                                "models:/name@alias)" if ref.external else "")))
-            elif steps[target] is not None and (found := contracts.output_problem(doc, where, target, steps, ref)):
+            elif steps[target] is not None and (found := contracts.output_problem(doc, where, target, steps, ref,
+                                                                                          step.reads_heldout(tuple(path), ref))):
                 problems.append(found)
             else:
                 edges[name].append((target, where))

@@ -130,6 +130,17 @@ def serving(command: list[str], ready_url: str, log: Path, seconds: float, cwd: 
                 server.wait()
 
 
+def cli(*args: str, log: Path):
+    """`llmcycle ARGS` as a user runs it, against the session's Prefect server, as a `started` process."""
+    import sys
+
+    from prefect.settings import PREFECT_API_URL
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env.update(PREFECT_API_URL=PREFECT_API_URL.value(), PYTHONUNBUFFERED="1")
+    return started([sys.executable, "-m", "flows.cli", *args], log, env=env)
+
+
 @contextlib.contextmanager
 def started(command: list[str], log: Path, env: dict | None = None, cwd: Path = REPO):
     """A process writing to `log`; on leaving the block, its whole session is stopped if it still runs (so a

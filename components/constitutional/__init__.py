@@ -4,7 +4,7 @@ Reads: a policy (`model:`), an optional `feedback_model:`, a constitution YAML (
 checked with line-numbered errors before any model loads) and prompts (`{builtin: red_team}` or JSONL).
 SL-CAI: each prompt is answered, then critiqued and revised for `rounds` rounds under principles drawn
 uniformly at random, the context accumulating; the policy is fine-tuned on prompt -> final revision with
-the finetune step's `train_sft` (PEFT methods included). RL-CAI: for the other half of the prompts, two
+the library's SFT loop, `components.lib.sft.train_sft` (PEFT methods included). RL-CAI: for the other half of the prompts, two
 replies (samples of the SL-CAI model, or a reference pair the row carries) are shown to the feedback
 model under a random principle with the A/B order randomised; the soft label is p_A = softmax(l_A, l_B)[0].
 Writes: `model/` (+ `adapter/`), and `data/`: `cai.jsonl` (every transcript, published column shape),

@@ -12,6 +12,7 @@ import statistics
 
 import torch
 
+from components.lib.models import evaluating
 from schemas.constitution import Principle
 from schemas.steps.constitutional import FeedbackSpec
 
@@ -48,13 +49,9 @@ def option_logps(model, tokenizer, texts: list[str], option: list[int], batch_si
 def judge(model, tokenizer, texts: list[str], options: tuple[str, str], batch_size: int = 16) -> list[float]:
     """p_A for each multiple-choice text."""
     a, b = option_ids(tokenizer, options)
-    was = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         return soft_label(option_logps(model, tokenizer, texts, a, batch_size),
                           option_logps(model, tokenizer, texts, b, batch_size)).tolist()
-    finally:
-        model.train(was)
 
 
 def comparison_text(template: str, question: str, prompt: str, a: str, b: str) -> str:

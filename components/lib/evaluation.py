@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from components.lib.generation import generate_answers
+from components.lib.models import evaluating
 from components.lib.text import encode, start_token
 
 SEPARATOR = "\n\n"
@@ -101,10 +102,8 @@ def score_tasks(model, tokenizer, tasks: list[Task], shots: int = 0, separator: 
 
     `reserve`: positions kept free for prompt-tuning's virtual tokens.
     """
-    was_training = model.training
-    model.eval()
     metrics, predictions = {}, []
-    try:
+    with evaluating(model):
         for task in tasks:
             prompts = [shot_prefix(task, i, shots, separator) + r["prompt"] for i, r in enumerate(task.rows)]
             if task.type == "choice":
@@ -119,8 +118,6 @@ def score_tasks(model, tokenizer, tasks: list[Task], shots: int = 0, separator: 
             metrics[f"tasks/{shots}shot/{task.name}"] = sum(correct) / max(len(correct), 1)
             predictions += [{"task": task.name, "shots": shots, "prompt": r["prompt"], "answer": str(r["answer"]),
                              "prediction": g, "correct": c} for r, g, c in zip(task.rows, guesses, correct)]
-    finally:
-        model.train(was_training)
     if predictions:
         metrics[f"tasks/{shots}shot/accuracy"] = sum(p["correct"] for p in predictions) / len(predictions)
     return metrics, predictions

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
+from components.lib.models import evaluating
 from components.lib.text import encode, pad_token, start_token
 
 STRATEGIES = ("greedy", "sample", "top_k", "top_p", "beam")
@@ -74,10 +75,8 @@ def generate_texts(model, tokenizer, prompts: list[str], strategy: str = "greedy
     config = generation_config(tokenizer, strategy, max_new_tokens, min_new_tokens, temperature=temperature,
                                top_k=top_k, top_p=top_p, num_beams=num_beams, length_penalty=length_penalty)
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     texts: list[str] = []
-    try:
+    with evaluating(model):
         with torch.random.fork_rng(devices=[]), torch.inference_mode():
             torch.manual_seed(seed)
             for i in range(0, len(prompts), batch_size):
@@ -85,8 +84,6 @@ def generate_texts(model, tokenizer, prompts: list[str], strategy: str = "greedy
                 out = model.generate(**batch, generation_config=config)
                 new = out[:, batch["input_ids"].shape[1]:]
                 texts += tokenizer.batch_decode(new, skip_special_tokens=True)
-    finally:
-        model.train(was_training)
     return texts
 
 
@@ -97,8 +94,7 @@ def generate_ids(model, tokenizer, prompts: list[str], strategy: str = "greedy",
 
     config = generation_config(tokenizer, strategy, max_new_tokens, **opts)
     config.return_dict_in_generate, config.output_scores = True, True
-    model.eval()
-    with torch.random.fork_rng(devices=[]), torch.inference_mode():
+    with evaluating(model), torch.random.fork_rng(devices=[]), torch.inference_mode():
         torch.manual_seed(seed)
         batch = encode_prompts(tokenizer, prompts, next(model.parameters()).device)
         return model.generate(**batch, generation_config=config), batch
@@ -140,9 +136,7 @@ def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int =
     stop = StoppingCriteriaList([StopAtLineEnd(tokenizer)])
     device = next(model.parameters()).device
     answers = [""] * len(prompts)
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         with torch.inference_mode():
             for length, members in by_length.items():
                 for first in range(0, len(members), batch_size):
@@ -153,6 +147,4 @@ def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int =
                                          pad_token_id=pad_token(tokenizer), eos_token_id=tokenizer.eos_token_id)
                     for i, row in zip(chunk, out[:, length:]):
                         answers[i] = tokenizer.decode(row, skip_special_tokens=True).split("\n", 1)[0]
-    finally:
-        model.train(was_training)
     return answers

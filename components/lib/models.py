@@ -8,6 +8,7 @@ a step writes: a transformers model, a peft adapter (merged into its base), an i
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,17 @@ MASKED_FAMILIES = ("bert", "roberta")
 # transformers 5 names the class of a tokenizers-backed tokenizer `TokenizersBackend`, which transformers 4
 # does not know; `PreTrainedTokenizerFast` loads the same files in both and gives the same ids.
 PORTABLE_TOKENIZER_CLASS = "PreTrainedTokenizerFast"
+
+
+@contextlib.contextmanager
+def evaluating(model):
+    """Eval mode (no dropout) for the block, the module's training mode restored afterwards."""
+    was = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was)
 
 
 def load_tokenizer(source: str | Path):

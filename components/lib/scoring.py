@@ -24,6 +24,8 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 
+from components.lib.models import evaluating
+
 IGNORE = -100
 
 
@@ -149,16 +151,12 @@ def batch_scores(logits: torch.Tensor, labels: torch.Tensor) -> Scores:
 def score_windows(model, windows: list[Window], batch_size: int, pad_id: int) -> Scores:
     """Score a causal model on windows, `batch_size` at a time."""
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     total = Scores()
-    try:
+    with evaluating(model):
         for i in range(0, len(windows), batch_size):
             batch = {k: v.to(device) for k, v in collate_windows(windows[i:i + batch_size], pad_id).items()}
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             total = total + batch_scores(logits, batch["labels"])
-    finally:
-        model.train(was_training)
     return total
 
 
@@ -229,13 +227,9 @@ def score_masked(model, tokenizer, token_blocks: list[list[int]], batch_size: in
     collator = make_collator(tokenizer, probability, seed)
     special = torch.tensor(sorted(tokenizer.all_special_ids))
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     total = Scores()
-    try:
+    with evaluating(model):
         for i in range(0, len(token_blocks), batch_size):
             ids = pad_blocks(token_blocks[i:i + batch_size], pad_token(tokenizer)).to(device)
             total = total + masked_batch_scores(model, collator, ids, special.to(device), pad_token(tokenizer))
-    finally:
-        model.train(was_training)
     return total

@@ -18,7 +18,8 @@ from torch.utils.data import DataLoader
 
 from components.lib.io import read_jsonl, read_jsonl_files, split_rows
 from components.lib.text import encode_completion, prompt_completion
-from components.lib.training import configure_optimizer, count_parameters, fit, make_trainer, perf_metrics, total_steps
+from components.lib.training import (configure_optimizer, count_parameters, fit, make_trainer, perf_metrics,
+                                     sum_over_ranks, total_steps)
 from schemas.base import TrainingLoop
 from schemas.data import SftDataSpec
 from schemas.peft import PeftSpec
@@ -121,13 +122,13 @@ class SftModule(L.LightningModule):
         loss = self.model(**batch).loss
         targets = int((batch["labels"][:, 1:] != IGNORE).sum())
         self._val_sum, self._val_count = self._val_sum + float(loss) * targets, self._val_count + targets
-        self.log("val/loss", loss, prog_bar=True, batch_size=targets)
 
     def on_validation_epoch_end(self) -> None:
         from components.lib.scoring import perplexity
 
-        if self._val_count:
-            self.log("val/perplexity", perplexity(self._val_sum, self._val_count))
+        total, count = sum_over_ranks(self, self._val_sum, self._val_count)  # each rank scored its share
+        if count:
+            self.log_dict({"val/loss": total / count, "val/perplexity": perplexity(total, count)}, prog_bar=True)
         self._val_sum, self._val_count = 0.0, 0
 
     def configure_optimizers(self) -> dict:

@@ -172,16 +172,18 @@ class CheckpointOnStop(Callback):
 
 
 class Throughput(Callback):
-    """Log tokens/s and achieved FLOP/s (6·N·tokens/s for training, Kaplan et al. 2020)."""
+    """Log tokens/s and achieved FLOP/s (6·N·tokens/s for training, Kaplan et al. 2020), over the time from
+    the first training batch to the last one, less the validation rounds in between."""
 
     def __init__(self, params: int, every: int = 10):
         self.params, self.every = params, every
         self.tokens = 0
-        self.start = None
+        self.start = self.end = self.val_start = None
+        self.paused = 0.0
 
     def summary(self) -> dict[str, float]:
         """`perf/tokens_per_s` and `perf/flops_per_s` over this fit (empty when no batch ran)."""
-        elapsed = time.perf_counter() - self.start if self.start else 0.0
+        elapsed = self.end - self.start - self.paused if self.start and self.end else 0.0
         if not self.tokens or elapsed <= 0:
             return {}
         rate = self.tokens / elapsed
@@ -192,9 +194,17 @@ class Throughput(Callback):
             self.start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        self.end = time.perf_counter()
         self.tokens += int(getattr(module, "tokens_in_batch", 0)) * trainer.world_size
         if trainer.global_step % self.every == 0 and (rates := self.summary()):
             module.log_dict(rates, rank_zero_only=True)
+
+    def on_validation_start(self, trainer, module) -> None:
+        self.val_start = time.perf_counter()
+
+    def on_validation_end(self, trainer, module) -> None:
+        if self.start is not None and self.val_start is not None:  # not the sanity check before training
+            self.paused += time.perf_counter() - self.val_start
 
 
 class PrintProgress(Callback):
@@ -279,6 +289,15 @@ def fit(trainer: L.Trainer, module: L.LightningModule, datamodule=None, ctx: Ste
     if ckpt:
         print(f"{ctx.name}: resuming from {ckpt}", flush=True)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt, **loaders)
+
+
+def sum_over_ranks(module: L.LightningModule, *values: float) -> list[float]:
+    """Each value summed over the processes of a distributed run (itself on one process): the sums and counts
+    behind a held-out mean, so that the mean covers every rank's share of the data."""
+    stats = torch.tensor([float(v) for v in values], dtype=torch.float64, device=module.device)
+    if module.trainer.world_size > 1:
+        stats = module.trainer.strategy.reduce(stats, reduce_op="sum")
+    return [float(v) for v in stats]
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:

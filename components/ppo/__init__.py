@@ -17,7 +17,7 @@ import torch
 
 from components.lib.context import StepContext, StepOutput
 from components.lib.io import read_jsonl_files, split_rows
-from components.lib.models import load_model
+from components.lib.models import evaluating, load_model
 from components.lib.preferences import prompt_row
 from components.lib.training import fit, make_trainer, world_size
 from schemas.base import TrainingLoop
@@ -127,11 +127,9 @@ def build_module(spec: PPOSpec, ctx: StepContext, policy, tokenizer, scorer, rm)
 @torch.no_grad()
 def evaluate_policy(module, rows: list[dict], seed: int, greedy: bool = False) -> tuple[dict, list[str]]:
     """Mean score, model score, true reward and KL on held-out prompts; also the completions."""
-    from components.ppo.module import evaluation
-
     sums: dict[str, float] = {}
     texts: list[str] = []
-    with evaluation(module), torch.random.fork_rng(devices=[]):
+    with evaluating(module), torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for i in range(0, len(rows), SAMPLE_BATCH):
             part = rows[i:i + SAMPLE_BATCH]

@@ -6,7 +6,6 @@ automatic loop cannot express. One optimizer covers the policy and the critic (a
 
 from __future__ import annotations
 
-import contextlib
 from typing import Callable
 
 import lightning as L
@@ -204,14 +203,3 @@ class PPOModule(L.LightningModule):
         state = checkpoint.get("ppo", {})
         self.kl_ctl.value = state.get("beta", self.kl_ctl.value)
         self.history = state.get("history", [])
-
-
-@contextlib.contextmanager
-def evaluation(module: PPOModule):
-    """Eval mode (dropout is off anyway) for held-out rollouts, restored afterwards."""
-    was = module.training
-    module.eval()
-    try:
-        yield
-    finally:
-        module.train(was)

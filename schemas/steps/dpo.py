@@ -7,11 +7,11 @@ from typing import ClassVar, Literal
 from pydantic import Field, model_validator
 
 from ..base import CausalModelRef, TrainingStepSpec
-from ..peft import PeftSpec
+from ..peft import PeftSpec, WritesTunedModel
 from ..data import PreferenceDataSpec
 
 
-class DpoSpec(TrainingStepSpec):
+class DpoSpec(WritesTunedModel, TrainingStepSpec):
     """Direct preference optimisation (Rafailov et al. 2023): raise log π/π_ref of chosen over rejected."""
 
     produces: ClassVar[frozenset[str]] = frozenset({"model", "adapter", "tokenizer"})
@@ -34,29 +34,14 @@ class DpoSpec(TrainingStepSpec):
 
     @model_validator(mode="after")
     def _consistent(self) -> "DpoSpec":
-        if self.merge and self.peft.method == "prompt_tuning":
-            raise ValueError("prompt_tuning cannot be merged (virtual tokens have no weight form); set merge: false")
+        if problem := self.merge_problem():
+            raise ValueError(problem)
         if self.reference is not None and self.reference == self.model:
             raise ValueError("reference is the same as model; leave reference out to use the starting policy")
         return self
 
-    @property
-    def merged(self) -> bool:
-        """Whether a standalone `model` folder is written."""
-        return self.peft.method != "prompt_tuning" if self.merge is None else self.merge
-
     def outputs(self) -> frozenset[str]:
-        adapter = {"adapter"} if self.peft.is_adapter else set()
-        model = {"model"} if self.merged or not self.peft.is_adapter else set()
-        return frozenset(adapter | model | {"tokenizer"})
-
-    def why_no(self, output: str) -> str:
-        if output == "model":
-            return f"peft method {self.peft.method} writes an adapter only" + (
-                " (prompt tuning has no merged form)" if self.peft.method == "prompt_tuning" else "; set merge: true")
-        if output == "adapter":
-            return f"peft method {self.peft.method} trains the weights themselves, so there is no adapter"
-        return ""
+        return frozenset(self.tuned_outputs())
 
     def plan_details(self) -> dict:
         data = "builtin preferences" if self.data.builtin else \

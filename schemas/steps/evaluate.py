@@ -9,7 +9,7 @@ from pydantic import Field, model_validator
 from ..base import InputFile, ModelRef, Ref, Section, StepSpec
 from ..data import BuiltinTask
 
-TokensRef = Annotated[str, Ref("tokens")]
+TokensRef = Annotated[str, Ref("tokens", heldout=True)]
 
 
 class TaskExample(Section):
@@ -27,7 +27,7 @@ class TaskSpec(Section):
     """A prompted task: multiple choice by log-likelihood, or exact match of a generated answer."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
-    """Task name (metrics are `task/<name>/accuracy`)."""
+    """Task name (metrics are `tasks/<k>shot/<name>`)."""
     type: Literal["choice", "exact_match"] = "choice"
     """`choice`: pick the choice with the highest log-likelihood; `exact_match`: generate greedily and compare."""
     examples: list[TaskExample] | None = None
@@ -123,4 +123,7 @@ class EvaluateSpec(StepSpec):
     """Decoding samples (null: none; causal models only)."""
     embeddings: EmbeddingsSpec | None = None
     """Embedding inspection (null: none)."""
+
+    def reads_heldout(self, path: tuple, ref: Ref) -> bool:
+        return ref.heldout and self.split == "val"
 

@@ -8,9 +8,9 @@ from pydantic import Field, model_validator
 
 from ..base import CausalModelRef, Ref, Section, TrainingStepSpec
 from ..data import SftDataSpec
-from ..peft import PeftSpec
+from ..peft import PeftSpec, WritesTunedModel
 
-TokensRef = Annotated[str, Ref("tokens")]
+TokensRef = Annotated[str, Ref("tokens", heldout=True)]
 
 
 class TaskEvalSpec(Section):
@@ -26,7 +26,7 @@ class TaskEvalSpec(Section):
     """Batches of pretraining validation tokens for the forgetting perplexity."""
 
 
-class FinetuneSpec(TrainingStepSpec):
+class FinetuneSpec(WritesTunedModel, TrainingStepSpec):
     """Fine-tune a causal LM on prompt/completion data (loss on the completion only), fully or with peft."""
 
     produces: ClassVar[frozenset[str]] = frozenset({"model", "adapter", "tokenizer", "metrics"})
@@ -51,27 +51,15 @@ class FinetuneSpec(TrainingStepSpec):
     def _consistent(self) -> "FinetuneSpec":
         if self.replay > 0 and self.tokens is None:
             raise ValueError("replay needs tokens: the tokenize step whose pretraining data to mix in")
-        if self.merge and self.peft.method == "prompt_tuning":
-            raise ValueError("prompt_tuning cannot be merged (virtual tokens have no weight form); set merge: false")
+        if problem := self.merge_problem():
+            raise ValueError(problem)
         return self
 
-    @property
-    def merged(self) -> bool:
-        """Whether a standalone `model` folder is written."""
-        return self.peft.method != "prompt_tuning" if self.merge is None else self.merge
+    def reads_heldout(self, path: tuple, ref: Ref) -> bool:
+        return ref.heldout and self.evaluation is not None  # the forgetting perplexity; replay reads `train`
 
     def outputs(self) -> frozenset[str]:
-        adapter = {"adapter"} if self.peft.is_adapter else set()
-        model = {"model"} if self.merged or not self.peft.is_adapter else set()
-        return frozenset(adapter | model | {"tokenizer"} | {"metrics"})
-
-    def why_no(self, output: str) -> str:
-        if output == "model":
-            return f"peft method {self.peft.method} writes an adapter only" + (
-                " (prompt tuning has no merged form)" if self.peft.method == "prompt_tuning" else "; set merge: true")
-        if output == "adapter":
-            return f"peft method {self.peft.method} trains the weights themselves, so there is no adapter"
-        return ""
+        return frozenset(self.tuned_outputs() | {"metrics"})
 
     def plan_details(self) -> dict:
         p = self.peft

@@ -21,7 +21,7 @@ class PruneSpec(Section):
 class MeasureSpec(Section):
     """How the variants are compared: held-out perplexity, generation latency and size on disk."""
 
-    tokens: Annotated[str, Ref("tokens")] | None = None
+    tokens: Annotated[str, Ref("tokens", heldout=True)] | None = None
     """A tokenize step whose `val` split gives held-out perplexity (null: skip perplexity)."""
     context: int = Field(128, ge=8)
     """Tokens per perplexity window."""

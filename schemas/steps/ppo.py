@@ -15,7 +15,7 @@ RewardModelRef = Annotated[str | None, Ref("reward_model", external=True),
 
 
 class RewardFunctionSpec(Section):
-    """A verifiable reward: a Python function registered with `@reward(NAME)` in components/rewards.py."""
+    """A verifiable reward: a Python function registered with `@reward(NAME)` in components/lib/rewards.py."""
 
     function: str
     """Registered name, e.g. `exact_match` (the task mixture's answers) or `contains_answer`."""

@@ -8,7 +8,7 @@ import pytest
 
 from components.lib.context import StepResult
 from schemas.steps.register import RegisterSpec
-from tests.conftest import REPO, make_ctx
+from tests.conftest import REPO, check_contract, make_ctx
 
 SPEC = """
 name: gated
@@ -80,7 +80,9 @@ def register(tmp_path, store, model, metrics, **fields):
     ctx.run_id = client.create_run(experiment, run_name="release").info.run_id
     from components import register as component
 
-    return component.run(spec, ctx)
+    out = component.run(spec, ctx)
+    check_contract(spec, out)
+    return out
 
 
 def aliases(client):

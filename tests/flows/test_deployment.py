@@ -10,18 +10,16 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
 import urllib.request
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.conftest import free_port
+from tests.conftest import free_port, started
 
 REPO = Path(__file__).resolve().parents[2]
 PREFECT = [sys.executable, "-m", "prefect"]
@@ -36,25 +34,6 @@ def test_prefect_yaml_declares_the_quickstart_deployment():
     assert deployment["parameters"] == {"spec_path": "specs/quickstart.yaml"}
     assert deployment["work_pool"]["name"] == POOL
     assert [s["cron"] for s in deployment["schedules"]] == ["0 3 * * *"]
-
-
-@contextmanager
-def background(command: list[str], env: dict, log: Path):
-    """Start a process in its own session; on exit stop it and everything it started."""
-    with open(log, "w") as out:
-        proc = subprocess.Popen(command, env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-    try:
-        yield proc
-    finally:
-        for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
-            if proc.poll() is not None:
-                break
-            try:
-                os.killpg(proc.pid, sig)
-                proc.wait(wait)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                continue
 
 
 def api(url: str, path: str, body: dict | None = None) -> dict:
@@ -105,7 +84,7 @@ def test_deploy_from_prefect_yaml_and_run_on_a_worker(tmp_path):
                PREFECT_WORKER_QUERY_SECONDS="1", PREFECT_CLI_PROMPT="false")
     server_log, worker_log = tmp_path / "server.log", tmp_path / "worker.log"
     server = PREFECT + ["server", "start", "--host", "127.0.0.1", "--port", str(port)]
-    with background(server, env, server_log) as srv:
+    with started(server, server_log, env) as srv:
         wait_for_server(url, srv, server_log)
         prefect(env, "work-pool", "create", POOL, "--type", "process")
         prefect(env, "work-pool", "create", STEP_POOL, "--type", "process")
@@ -114,12 +93,12 @@ def test_deploy_from_prefect_yaml_and_run_on_a_worker(tmp_path):
         deployment = api(url, "/deployments/name/llmcycle/quickstart")
         assert deployment["schedules"][0]["schedule"]["cron"] == "0 3 * * *"
         assert deployment["parameters"] == {"spec_path": "specs/quickstart.yaml"}
-        with background(PREFECT + ["worker", "start", "--pool", POOL], env, worker_log):
-            started = prefect(env, "deployment", "run", "llmcycle/quickstart", "--param", f"spec_path={spec}",
+        with started(PREFECT + ["worker", "start", "--pool", POOL], worker_log, env):
+            answer = prefect(env, "deployment", "run", "llmcycle/quickstart", "--param", f"spec_path={spec}",
                               "--watch", "--watch-timeout", "180", timeout=240)
-        flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", started).group(1)
+        flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", answer).group(1)
         flow_run = api(url, f"/flow_runs/{flow_run_id}")
-        with background(PREFECT + ["worker", "start", "--pool", STEP_POOL], env, tmp_path / "step-worker.log"):
+        with started(PREFECT + ["worker", "start", "--pool", STEP_POOL], tmp_path / "step-worker.log", env):
             run = subprocess.run([sys.executable, "-m", "flows.cli", "run", str(dispatched)], env=env, cwd=REPO,
                                  capture_output=True, text=True, timeout=300)
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]

@@ -11,14 +11,13 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import started
+from tests.conftest import cli
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -72,16 +71,8 @@ def parent_runs(spec: Path, name: str) -> list:
                               f"tags.`mlflow.runName` = '{name}'", order_by=["attributes.start_time ASC"])
 
 
-def env() -> dict:
-    from prefect.settings import PREFECT_API_URL
-
-    out = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    out.update(PREFECT_API_URL=PREFECT_API_URL.value(), PYTHONUNBUFFERED="1")
-    return out
-
-
 def llmcycle(spec: Path, *args: str, log: Path):
-    return started([sys.executable, "-m", "flows.cli", "run", str(spec), *args], log, env=env())
+    return cli("run", str(spec), *args, log=log)
 
 
 def wait_for(predicate, proc: subprocess.Popen, log: Path, what: str, timeout: float = 300) -> None:

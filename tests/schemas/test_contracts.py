@@ -80,3 +80,17 @@ def test_input_files_come_from_the_field_types(write_spec, tmp_path):
     assert loaded.spec.steps["sft"].input_globs() == ["d.jsonl", "e*.jsonl"]
     assert loaded.spec.steps["ev"].input_globs() == ["t.jsonl"]
     assert loaded.spec.steps["base"].input_globs() == []
+
+
+def test_reading_a_held_out_split_that_is_not_written(write_spec):
+    head = "name: c\nsteps:\n  tok: {kind: tokenize, corpus: {builtin: pydoc}, val_fraction: 0}\n"
+    path = write_spec(head + "  base: {kind: pretrain, tokenizer: tok, model: {family: llama}}\n"
+                             "  ev: {kind: evaluate, model: base}\n"
+                             "  ev2: {kind: evaluate, model: base, tokens: tok, split: train}\n")
+    with pytest.raises(schemas.SpecError) as err:
+        schemas.load(path)
+    assert [str(p).removeprefix(f"{path}:") for p in err.value.problems] == [
+        "4:37: steps.base.tokenizer: this reads the held-out split of step 'tok', which holds no documents out "
+        "(val_fraction: 0); give it a val_fraction above 0",
+        "5:7: steps.ev: evaluate has nothing to measure: give tokens, texts, tasks, generation or embeddings (the "
+        "tokenize step 'tok' its model was trained on holds no documents out (val_fraction: 0))"]  # ev2 reads train
