@@ -18,10 +18,44 @@ def _load(path: str, overrides: list[str] | None = None):
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    bad = 0
     for path in args.specs:
         loaded = _load(path, args.set)
-        print(f"{path}: ok ({len(loaded.spec.steps)} steps: {', '.join(loaded.spec.steps)})")
-    return 0
+        found = _check_data(loaded) if args.data else 0
+        bad += found
+        print(f"{path}: " + (f"{found} data problem(s)" if found else "ok") + f" ({len(loaded.spec.steps)} steps: "
+              f"{', '.join(loaded.spec.steps)}){' and their data files' if args.data and not found else ''}")
+    return EXIT_SPEC if bad else 0
+
+
+def _check_data(loaded) -> int:
+    """Print every problem in the data files the spec's steps read; return how many were found."""
+    from schemas.rows import data_problems
+
+    found = 0
+    for name, step in loaded.spec.steps.items():
+        problems = data_problems(step, lambda p: loaded.base_dir / p)
+        for problem in problems:
+            print(f"{name}: {problem}", file=sys.stderr)
+        found += len(problems)
+    return found
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Read every byte of every complete output of the spec against the checksums its step recorded."""
+    from flows.integrity import damage
+    from flows.plan import RESULT_FILE, make_plan
+
+    loaded = _load(args.spec, args.set)
+    damaged = 0
+    for p in make_plan(loaded):
+        if not (p.output_dir / RESULT_FILE).is_file():
+            print(f"{p.name:<16} not run")
+            continue
+        why = damage(p.output_dir, full=True)
+        damaged += bool(why)
+        print(f"{p.name:<16} {'DAMAGED: ' + why + ' (the next run runs it again)' if why else 'ok'}")
+    return EXIT_FAILED if damaged else 0
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -56,8 +90,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     if "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ:
         raise UsageError("llmcycle run is started once, not under torchrun: it launches torchrun itself for "
                          "every step whose trainer has devices x num_nodes above 1")
+    from flows.tracking import StoreUnreachable, check_reachable
+
     loaded = _load(args.spec, args.set)  # fail fast, before any server or heavy import
     plan = make_plan(loaded, force=args.force, only=args.only)
+    try:
+        check_reachable(loaded)
+    except StoreUnreachable as err:
+        print(f"llmcycle: {err}", file=sys.stderr)
+        return EXIT_FAILED
     if not args.in_process and any(p.will_run and not p.run_on for p in plan):
         from flows.launch import start_forkserver
 
@@ -72,6 +113,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         raise
     except BaseException as err:  # noqa: BLE001 - Prefect's TerminationSignal (SIGTERM) is a BaseException
+        if args.debug:
+            import traceback
+
+            traceback.print_exception(err)
         print(f"\nllmcycle: {format_failure(err)}", file=sys.stderr)
         return EXIT_FAILED
     _print_summary(loaded, results)
@@ -93,13 +138,13 @@ def cmd_step(args: argparse.Namespace) -> int:
 
 
 def _print_summary(loaded, results: dict[str, dict]) -> None:
-    from flows.tracking import tracking_uri
+    from flows.tracking import shown_uri
 
     print(f"\n{loaded.spec.name}: {len(results)} steps")
     for name, r in results.items():
         shown = ", ".join(f"{k}={v:.4g}" for k, v in list(r["metrics"].items())[:5])
         print(f"  {name:<14} {r['status']:<7} {shown}")
-    print(f"MLflow: {tracking_uri(loaded)}   browse: llmcycle ui {loaded.path}")
+    print(f"MLflow: {shown_uri(loaded)}   browse: llmcycle ui {loaded.path}")
 
 
 def cmd_metrics(args: argparse.Namespace) -> int:
@@ -132,6 +177,8 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmcycle", description="Run the life of a language model from one YAML file.")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the tracebacks of failures (otherwise kept in each step's MLflow run)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def with_overrides(p: argparse.ArgumentParser) -> None:
@@ -140,8 +187,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("validate", help="check specs and report every mistake with its line")
     p.add_argument("specs", nargs="+", metavar="SPEC")
+    p.add_argument("--data", action="store_true",
+                   help="also check every row of the data files the steps read (what each step checks at its start)")
     with_overrides(p)
     p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("verify", help="check every complete output against the checksums its step recorded")
+    p.add_argument("spec", metavar="SPEC")
+    with_overrides(p)
+    p.set_defaults(func=cmd_verify)
 
     for name, helptext, func in (("plan", "show each step's fingerprint, folder and whether it will run", cmd_plan),
                                  ("run", "run the pipeline as a Prefect flow", cmd_run)):
@@ -189,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     from schemas import SpecError
 
     args = build_parser().parse_args(argv)
+    if args.debug:
+        os.environ["LLMCYCLE_DEBUG"] = "1"  # the steps' processes print their tracebacks too
     try:
         return args.func(args)
     except SpecError as err:

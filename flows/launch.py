@@ -36,12 +36,14 @@ class Outcome:
 
     status: str
     message: str = ""
+    trace: str = ""  # the failing rank's traceback (for the step's MLflow run and --debug, not the terminal)
 
     @property
     def ok(self) -> bool:
         return self.status == "ok"
 
 
+FULL_DISK_BYTES = 1 << 20  # less free than this, and a step that failed without a word likely hit a full disk
 ShouldStop = Callable[[], "str | None"]  # returns why to stop, or None to go on
 
 
@@ -207,7 +209,8 @@ def _outcome(request: StepRequest, code: int, stop_reason: str | None, log: Path
     if code == 0 and done and stop_reason is None:
         return Outcome("ok")
     if error and not error.get("interrupted") and stop_reason is None:
-        return Outcome("failed", error["message"] + (f" (rank {error['rank']})" if error.get("rank") else ""))
+        return Outcome("failed", error["message"] + (f" (rank {error['rank']})" if error.get("rank") else ""),
+                       error.get("traceback", ""))
     if stop_reason is not None or code == EXIT_INTERRUPTED or (error or {}).get("interrupted"):
         return Outcome("stopped", f"stopped ({stop_reason or 'interrupted'}); its checkpoint is kept, so the next "
                                   "run resumes it")
@@ -216,13 +219,29 @@ def _outcome(request: StepRequest, code: int, stop_reason: str | None, log: Path
         return Outcome("killed", f"killed by signal {-code} ({sig.name}){SIGNAL_HINTS.get(sig, '')}; its "
                                  "checkpoint is kept, so the next run resumes it")
     if error:
-        return Outcome("failed", error["message"])
+        return Outcome("failed", error["message"], error.get("traceback", ""))
     died = re.findall(r"exitcode\s*:\s*(-\d+)", log.read_text(errors="replace")[-20000:])
     if died:  # torchrun's summary of a worker that a signal ended
         sig = signal.Signals(-int(died[0]))
         return Outcome("killed", f"a worker was killed by signal {sig.value} ({sig.name}){SIGNAL_HINTS.get(sig, '')}")
+    if hint := disk_hint(request.output_dir):
+        return Outcome("failed", f"the step's process exited with status {code}{hint}")
     tail = " | ".join(log.read_text(errors="replace").strip().splitlines()[-3:])
     return Outcome("failed", f"the step's process exited with status {code} without a report: {tail}")
+
+
+def disk_hint(folder: str | Path) -> str:
+    """A note when the disk holding `folder` is (nearly) full: the likely cause of a step that died mute."""
+    import shutil
+
+    path = Path(folder)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    free = shutil.disk_usage(path).free
+    if free >= FULL_DISK_BYTES:
+        return ""
+    return (f"; the disk holding {folder} is full ({free:,} bytes free: No space left on device). Free some space "
+            "and run again: the step resumes from its last checkpoint")
 
 
 def run_inline(request: StepRequest, on_line: Callable[[str], None], should_stop: ShouldStop) -> Outcome:

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from flows.plan import UsageError
+from flows.serve import Limits
 
 DEFAULT_SPEC = "specs/quickstart.yaml"
 KEY_METRICS = 4  # metric tags shown per version by `llmcycle models`
@@ -38,8 +39,20 @@ def register(sub) -> None:
 
     p = sub.add_parser("serve", help="serve a registered model with MLflow's scoring server (POST /invocations)")
     p.add_argument("model", metavar="MODEL", help="models:/NAME@ALIAS, models:/NAME/VERSION or a register step")
-    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only; "
+                                                      "0.0.0.0 for every interface)")
     p.add_argument("--port", type=int, default=5001)
+    limits = Limits()
+    p.add_argument("--max-request-bytes", type=int, default=limits.max_request_bytes,
+                   help=f"largest request body accepted (default {limits.max_request_bytes:,})")
+    p.add_argument("--max-batch", type=int, default=limits.max_batch,
+                   help=f"most prompts in one request (default {limits.max_batch})")
+    p.add_argument("--max-new-tokens", type=int, default=limits.max_new_tokens,
+                   help=f"most tokens generated per prompt; also the default (default {limits.max_new_tokens})")
+    p.add_argument("--concurrency", type=int, default=limits.concurrency,
+                   help=f"requests generating at once; the others wait (default {limits.concurrency})")
+    p.add_argument("--timeout", type=float, default=limits.timeout_s,
+                   help=f"seconds a request may take (default {limits.timeout_s:.0f})")
     _store_options(p)
     p.set_defaults(func=_friendly(cmd_serve))
 
@@ -54,7 +67,7 @@ def _friendly(command):
             return command(args)
         except UsageError:
             raise  # main() prints it and exits 2
-        except (ValueError, FileNotFoundError, MlflowException) as err:
+        except (ValueError, OSError, RuntimeError, MlflowException) as err:  # OSError: e.g. the port is taken
             print(f"llmcycle: {err}", file=sys.stderr)
             return 1
 
@@ -170,36 +183,38 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def serve_command(ref: str, args) -> tuple[list[str], dict[str, str]]:
-    """The `mlflow models serve` command line and environment for a registered model."""
+def registered_uri(ref: str, args) -> str:
+    """The `models:/` URI to serve: given as such, or the one a register step of --spec registered."""
     from schemas.base import is_external
 
-    if not ref.startswith(("models:/", "runs:/")):
-        if is_external(ref) or Path(ref).exists():
-            raise UsageError(f"serve takes a registered model (models:/NAME@ALIAS or models:/NAME/VERSION) or a "
-                             f"register step of --spec, got '{ref}'; try `llmcycle generate {ref}` for a folder")
-        result = step_result(ref, args)
-        if "model_uri" not in result.info:
-            raise UsageError(f"serve takes a registered model (models:/NAME@ALIAS); step '{ref}' ({result.kind}) "
-                             "registered none. Add a `register` step, or use `llmcycle generate` for local folders")
-        ref = result.info["model_uri"]
-    uri = store_uri(args)
     if ref.startswith("models:/"):
-        from components.lib.registry import resolve_version
-
-        resolve_version(ref, uri)  # fail here, readably, rather than inside the server
-    # The scoring server execs `uvicorn` by name: find it beside this interpreter even in an unactivated venv.
-    path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_REGISTRY_URI": uri, "PATH": path}
-    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", ref, "--env-manager", "local",
-               "--host", args.host, "--port", str(args.port)]
-    return command, env
+        return ref
+    if is_external(ref) or Path(ref).exists():
+        raise UsageError(f"serve takes a registered model (models:/NAME@ALIAS or models:/NAME/VERSION) or a "
+                         f"register step of --spec, got '{ref}'; try `llmcycle generate {ref}` for a folder")
+    result = step_result(ref, args)
+    if "model_uri" not in result.info:
+        raise UsageError(f"serve takes a registered model (models:/NAME@ALIAS); step '{ref}' ({result.kind}) "
+                         "registered none. Add a `register` step, or use `llmcycle generate` for local folders")
+    return result.info["model_uri"]
 
 
 def cmd_serve(args) -> int:
-    command, env = serve_command(args.model, args)
-    print(f"serving {args.model} at http://{args.host}:{args.port}/invocations  (Ctrl-C stops it)\n"
+    from components.lib.registry import download_mlflow_model
+    from flows.serve import serve
+
+    for name in ("max_request_bytes", "max_batch", "max_new_tokens", "concurrency", "timeout"):
+        if getattr(args, name) <= 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be above 0, got {getattr(args, name)}")
+    ref, uri = registered_uri(args.model, args), store_uri(args)
+    loaded = _loaded(args)
+    cache = (loaded.workdir if loaded else Path.home() / ".cache" / "llmcycle") / ".models"
+    folder = download_mlflow_model(ref, cache, uri)  # fails here, readably, for an unknown name or alias
+    # The scoring server execs nothing by name, but MLflow looks up tools beside this interpreter.
+    path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
+    env = {"MLFLOW_TRACKING_URI": uri, "MLFLOW_REGISTRY_URI": uri, "PATH": path}
+    limits = Limits(args.max_request_bytes, args.max_batch, args.max_new_tokens, args.concurrency, args.timeout)
+    print(f"serving {ref} at http://{args.host}:{args.port}/invocations  (Ctrl-C stops it)\n"
           f"  curl -s http://{args.host}:{args.port}/invocations -H 'Content-Type: application/json' "
           "-d '{\"inputs\": [\"def \"], \"params\": {\"max_new_tokens\": 20}}'", flush=True)
-    os.execve(sys.executable, command, env)
-    return 0
+    return serve(folder, args.host, args.port, limits, env)

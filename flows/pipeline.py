@@ -8,6 +8,7 @@ upstream fingerprints and must survive a server reset.
 
 from __future__ import annotations
 
+import logging
 import os
 import traceback
 
@@ -24,6 +25,19 @@ from flows.runner import PipelineFailed, StepFailed, Stopper, StepStopped, execu
 from flows.scheduler import Scheduler, Start  # noqa: E402
 
 CANCEL_POLL_S = 2.0
+
+
+class _NoEmptyTraceback(logging.Filter):
+    """Prefect logs a task that returned a Failed state with exc_info set but no exception, which prints
+    "NoneType: None" under the message; the message says it all."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[0] is None:
+            record.exc_info = None
+        return True
+
+
+logging.getLogger("prefect.task_runs").addFilter(_NoEmptyTraceback())
 
 
 @task(cache_policy=NO_CACHE)
@@ -60,6 +74,9 @@ def run_pipeline(spec_path: str, overrides: list[str] | None = None, force: list
     uri = tracking.tracking_uri(loaded)
     client, experiment = tracking.open_store(loaded)
     parent = tracking.start_parent_run(loaded, client, experiment, str(flow_run.get_id() or ""))
+    orphans = tracking.end_orphans(client, experiment, parent)
+    if orphans:
+        get_run_logger().info(f"marked {len(orphans)} MLflow run(s) that a killed run left RUNNING as KILLED")
     stopper, results, errors = Stopper(), {}, {}
     try:
         _run_all(scheduler, loaded, client, parent, uri, stopper, results, errors, in_process)
@@ -71,8 +88,11 @@ def run_pipeline(spec_path: str, overrides: list[str] | None = None, force: list
     failed = {n: e for n, e in errors.items() if not isinstance(e, StepStopped)}
     client.set_terminated(parent, "KILLED" if stopper() else "FAILED" if failed else "FINISHED")
     _publish_summary(plan, scheduler, results, errors, uri, parent)
-    if errors:
-        raise PipelineFailed(_failure_paragraph(errors, scheduler))
+    if errors:  # returned, not raised: Prefect logs a traceback for a raised exception; callers still get it
+        from prefect.states import Failed
+
+        paragraph = _failure_paragraph(errors, scheduler)
+        return Failed(message=paragraph, data=PipelineFailed(paragraph))
     cached = {p.name for p in plan if p.cached and not p.forced}
     return {n: {**r.to_json(), "dir": str(r.dir), "status": "cached" if n in cached else "ran"}
             for n, r in results.items()}
@@ -154,7 +174,8 @@ def _failure_paragraph(errors: dict[str, Exception], scheduler: Scheduler) -> st
         text = f"{len(failed)} steps failed ({', '.join(failed)}). " + text
     if scheduler.skipped:
         text += f" Not run because a step they need failed: {', '.join(sorted(scheduler.skipped))}."
-    return text + " Outputs of the completed steps are kept; fix the cause and run again to resume from there."
+    trailer = "Outputs of the completed steps are kept; fix the cause and run again to resume from there."
+    return text + ("\n" if "\n" in text else " ") + trailer  # after a list of problems, on a line of its own
 
 
 def _publish_summary(plan: list[PlannedStep], scheduler: Scheduler, results: dict, errors: dict, uri: str,

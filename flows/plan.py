@@ -15,13 +15,13 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from flows.integrity import RESULT_FILE, damage
 from schemas import LoadedSpec, dependencies, step_order
 from schemas.base import StepSpec
 from schemas.resources import PLACEMENT_FIELDS, TrainerSpec
 
 # Bump when a change to the code must invalidate every cached output.
 CODE_VERSION = "2"
-RESULT_FILE = "result.json"
 
 
 class UsageError(Exception):
@@ -107,9 +107,11 @@ def make_plan(loaded: LoadedSpec, force: list[str] | None = None, only: list[str
         fp = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
         prints[name] = fp
         out = step_dir(loaded.workdir, name, fp)
+        damaged = damage(out) if (out / RESULT_FILE).is_file() else ""
+        extra = {**_plan_extra(step), **({"damaged": f"{damaged}; it runs again"} if damaged else {})}
         plan.append(PlannedStep(name=name, kind=step.kind, deps=deps, fingerprint=fp, output_dir=out,
-                                cached=(out / RESULT_FILE).is_file(), selected=name in wanted,
-                                forced=name in (force or []), extra=_plan_extra(step), resources=resources,
+                                cached=(out / RESULT_FILE).is_file() and not damaged, selected=name in wanted,
+                                forced=name in (force or []), extra=extra, resources=resources,
                                 run_on=step.run_on.model_dump(mode="json") if step.run_on else None))
     return plan
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import schemas
 from components.lib.context import StepResult
 from components.lib.io import write_json_atomic
-from flows import launch, tracking
+from flows import integrity, launch, tracking
 from flows.plan import RESULT_FILE, PlannedStep, run_dir
 from flows.step import StepRequest
 
@@ -94,7 +94,8 @@ def request_for(planned: PlannedStep, loaded: schemas.LoadedSpec, upstream: dict
                 **fields) -> StepRequest:
     return StepRequest(spec_path=str(loaded.path), overrides=list(loaded.overrides), name=planned.name,
                        kind=planned.kind, fingerprint=planned.fingerprint, output_dir=str(planned.output_dir),
-                       workdir=str(loaded.workdir), resources=planned.resources, tracking_uri=uri,
+                       workdir=str(loaded.workdir), resources=planned.resources,
+                       tracking_uri="" if tracking.holds_secret(loaded) else uri,
                        upstream={n: {**r.to_json(), "dir": str(r.dir)} for n, r in upstream.items()}, **fields)
 
 
@@ -128,7 +129,10 @@ def execute_step(planned: PlannedStep, loaded: schemas.LoadedSpec, upstream: dic
             lock = step_lock(folder)
             lock.acquire()  # the owner releases it once it has logged the step; then reuse its output
     try:
-        reuse = (planned.output_dir / RESULT_FILE).is_file() and not planned.forced
+        damaged = integrity.damage(planned.output_dir) if (planned.output_dir / RESULT_FILE).is_file() else ""
+        if damaged:
+            on_line(f"{planned.name}: its output is damaged ({damaged}); running the step again")
+        reuse = (planned.output_dir / RESULT_FILE).is_file() and not damaged and not planned.forced
         run_id = tracking.start_step_run(loaded, client, parent_run_id, planned, cached=reuse)
         if reuse:
             result = StepResult.read(planned.output_dir)
@@ -138,16 +142,20 @@ def execute_step(planned: PlannedStep, loaded: schemas.LoadedSpec, upstream: dic
         request = request_for(planned, loaded, upstream, uri, run_id=run_id, cuda_devices=cuda_devices,
                               cpu_threads=cpu_threads)
         if multi_node:  # while it exists, the other nodes join (`llmcycle step`, or a pipeline that needs it)
-            write_json_atomic(record, {"run_id": run_id, "tracking_uri": uri})
-        if planned.run_on:
-            outcome = launch.run_on_pool(request, planned.run_on, on_line, should_stop)
-        elif in_process:
-            outcome = launch.run_inline(request, on_line, should_stop)
-        else:
-            outcome = launch.run_local(request, on_line, should_stop)
+            write_json_atomic(record, {"run_id": run_id})
+        try:
+            if planned.run_on:
+                outcome = launch.run_on_pool(request, planned.run_on, on_line, should_stop)
+            elif in_process:
+                outcome = launch.run_inline(request, on_line, should_stop)
+            else:
+                outcome = launch.run_local(request, on_line, should_stop)
+        except OSError as err:  # the engine's own files (the step's log, its request): a full disk, say
+            outcome = launch.Outcome("failed", f"{err.strerror or err} ({err.filename or planned.output_dir})"
+                                     + launch.disk_hint(planned.output_dir))
         result = StepResult.read(planned.output_dir) if outcome.ok else None
         tracking.finish_step_run(client, run_id, outcome.status, result.metrics if result else None,
-                                 error=outcome.message, log=request.log_path)
+                                 error=outcome.message, log=request.log_path, trace=outcome.trace)
     finally:
         record.unlink(missing_ok=True)
         lock.release()

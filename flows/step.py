@@ -37,7 +37,7 @@ class StepRequest:
     output_dir: str
     workdir: str
     resources: dict
-    tracking_uri: str
+    tracking_uri: str  # "" when the spec's URI holds a secret: the step resolves it from the spec
     run_id: str | None = None
     upstream: dict[str, dict] = field(default_factory=dict)  # name -> StepResult.to_json() with "dir"
     cuda_devices: str | None = None  # CUDA_VISIBLE_DEVICES of this step's device claim
@@ -105,6 +105,9 @@ def execute(request: StepRequest, own_process: bool = True) -> int:
     started = time.perf_counter()
     try:
         ctx, step_spec = _context(request, tmp, rank)
+        from schemas.rows import check_data
+
+        check_data(step_spec, ctx.resolve_path)  # every row of every data file, before a model is built
         import importlib
 
         output = importlib.import_module(f"components.{request.kind}").run(step_spec, ctx)
@@ -122,7 +125,8 @@ def execute(request: StepRequest, own_process: bool = True) -> int:
         _report(request, rank, "stopped", interrupted=True)
         return EXIT_INTERRUPTED if err.code == 1 else int(err.code or 0)
     except BaseException as err:  # noqa: BLE001 - every failure is reported in one paragraph
-        traceback.print_exc()
+        if os.environ.get("LLMCYCLE_DEBUG"):  # else the traceback goes to the step's MLflow run only
+            traceback.print_exc()
         _report(request, rank, _cause(err), trace=traceback.format_exc())
         return 1
     finally:  # after success rank 0's folder has become the output; anything left is scratch
@@ -143,6 +147,7 @@ def _work_dir(request: StepRequest, rank: int) -> Path:
 def _context(request: StepRequest, tmp: Path, rank: int):
     import schemas
     from components.lib.context import StepContext, StepResult
+    from flows.tracking import tracking_uri
     from schemas.resources import TrainerSpec
 
     loaded = schemas.load(request.spec_path, request.overrides)
@@ -152,16 +157,26 @@ def _context(request: StepRequest, tmp: Path, rank: int):
     upstream = {n: StepResult(dir=Path(r["dir"]), name=r["name"], kind=r["kind"], fingerprint=r["fingerprint"],
                               outputs=r["outputs"], metrics=r["metrics"], info=r.get("info", {}))
                 for n, r in request.upstream.items()}
+    _trust_code(loaded)
     run_id = _run_id(request) if rank == 0 else None
     ctx = StepContext(name=request.name, kind=request.kind, fingerprint=request.fingerprint, out_dir=tmp,
                       ckpt_dir=request.ckpt_dir, base_dir=loaded.base_dir, workdir=Path(request.workdir),
                       seed=loaded.spec.seed, trainer=TrainerSpec.model_validate(request.resources),
                       upstream=upstream, pipeline_name=loaded.spec.name, run_id=run_id,
-                      tracking_uri=request.tracking_uri)
+                      tracking_uri=request.tracking_uri or tracking_uri(loaded))
     if rank == 0:
         ctx.set_tags({"llmcycle.pid": os.getpid(), "llmcycle.host": socket.gethostname(),
                       "llmcycle.world_size": os.environ.get("WORLD_SIZE", "1")})
     return ctx, loaded.spec.steps[request.name]
+
+
+def _trust_code(loaded) -> None:
+    """Tell the model loaders which sources the spec lets run their own code (components/lib/models.py)."""
+    from components.lib.models import TRUSTED_ENV
+
+    sources = [ref[3:] if ref.startswith("hf:") else str(loaded.base_dir / ref) if not ref.startswith("/") else ref
+               for ref in loaded.spec.trust_remote_code]
+    os.environ[TRUSTED_ENV] = json.dumps(sources)
 
 
 def _run_id(request: StepRequest) -> str | None:
@@ -175,6 +190,10 @@ def _run_id(request: StepRequest) -> str | None:
 def check_outputs(request: StepRequest, step_spec, output, folder: Path) -> None:
     """The step returned exactly the outputs its spec declares with these settings, and each exists."""
     declared, returned = set(step_spec.outputs()), set(output.outputs)
+    outside = [k for k, rel in output.outputs.items() if not (folder / rel).resolve().is_relative_to(folder.resolve())]
+    if outside:
+        raise RuntimeError(f"components/{request.kind} returned outputs {outside} outside its output folder "
+                           "(a bug in llmcycle: please report it)")
     missing = [k for k in sorted(returned) if not (folder / output.outputs[k]).exists()]
     if declared != returned or missing:
         raise RuntimeError(
@@ -187,6 +206,7 @@ def _finalize(request: StepRequest, ctx, output, started: float) -> None:
     """result.json last inside the temporary folder, then one rename puts the output in place."""
     from components.lib.context import StepResult, finite_metrics
     from components.lib.io import write_json_atomic
+    from flows import integrity
     from flows.plan import RESULT_FILE
 
     metrics = finite_metrics(output.metrics)
@@ -194,7 +214,7 @@ def _finalize(request: StepRequest, ctx, output, started: float) -> None:
     final = Path(request.output_dir)
     result = StepResult(name=request.name, kind=request.kind, fingerprint=request.fingerprint, dir=final,
                         outputs=output.outputs, metrics=metrics, info=output.info)
-    write_json_atomic(ctx.out_dir / RESULT_FILE, result.to_json())
+    write_json_atomic(ctx.out_dir / RESULT_FILE, integrity.seal(result.to_json(), ctx.out_dir))
     if final.exists():  # a forced re-run replaces the previous output
         old = final.with_name(final.name + f".old-{os.getpid()}")
         final.rename(old)
@@ -217,7 +237,11 @@ def _report(request: StepRequest, rank: int, message: str, interrupted: bool = F
     if interrupted and rank != 0:
         return
     tmp = request.error_path.with_name(f".error-{os.getpid()}.json")
-    tmp.write_text(json.dumps({"message": message, "interrupted": interrupted, "rank": rank, "traceback": trace}))
+    try:
+        tmp.write_text(json.dumps({"message": message, "interrupted": interrupted, "rank": rank, "traceback": trace}))
+    except OSError:  # a full disk: the launcher reports the exit status and the disk's state instead
+        tmp.unlink(missing_ok=True)
+        return
     try:
         os.link(tmp, request.error_path)  # atomic and exclusive: the first report wins...
     except FileExistsError:
@@ -228,6 +252,10 @@ def _report(request: StepRequest, rank: int, message: str, interrupted: bool = F
 
 
 def _cause(err: BaseException) -> str:
+    from schemas.rows import DataProblems
+
+    if isinstance(err, DataProblems):
+        return str(err)  # one problem per line
     text = str(err).strip().replace("\n", " ") or type(err).__name__
     return text if isinstance(err, (ValueError, FileNotFoundError, KeyError, RuntimeError)) \
         else f"{type(err).__name__}: {text}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -23,8 +24,45 @@ def tracking_uri(loaded: LoadedSpec) -> str:
     return f"sqlite:///{loaded.workdir / 'mlflow.db'}"
 
 
+def holds_secret(loaded: LoadedSpec) -> bool:
+    """Whether the spec's tracking URI was written with `${env:...}` (a password, a token): it is then never
+    written down (step requests, launch records, logs); each process resolves it from the spec itself."""
+    return ("tracking", "uri") in loaded.doc.secrets
+
+
+def shown_uri(loaded: LoadedSpec) -> str:
+    """The tracking URI as it may be printed: as written in the spec when it holds a secret."""
+    return loaded.redacted()["tracking"]["uri"] if holds_secret(loaded) else tracking_uri(loaded)
+
+
 def artifact_root(loaded: LoadedSpec) -> Path:
     return loaded.workdir / "mlartifacts"
+
+
+class StoreUnreachable(RuntimeError):
+    """The spec's tracking server does not answer: nothing was started."""
+
+
+def check_reachable(loaded: LoadedSpec, timeout: float = 10.0) -> None:
+    """For a tracking server (http/https), one GET of its /health before any work, so that a server that is
+    down is one clear error, not retries deep inside the first step."""
+    import urllib.error
+    import urllib.request
+
+    uri = tracking_uri(loaded)
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).close()
+    except urllib.error.HTTPError as err:
+        if err.code >= 500:
+            raise StoreUnreachable(f"the MLflow tracking server at {shown_uri(loaded)} answers {err.code} "
+                                   f"({err.reason}); nothing was run") from None
+    except (urllib.error.URLError, OSError) as err:
+        reason = getattr(err, "reason", err)
+        raise StoreUnreachable(f"the MLflow tracking server at {shown_uri(loaded)} is unreachable ({reason}); "
+                               "start it, or fix tracking.uri in the spec (or MLFLOW_TRACKING_URI); nothing was "
+                               "run") from None
 
 
 def open_store(loaded: LoadedSpec):
@@ -60,10 +98,47 @@ def experiment_id(loaded: LoadedSpec, client) -> str:
         return client.get_experiment_by_name(name).experiment_id
 
 
+def launcher_tags() -> dict[str, str]:
+    """Who keeps a run open: this process (host, pid, start time), so that a later run can tell whether the
+    process is gone without closing it (`end_orphans`)."""
+    import psutil
+
+    return {"llmcycle.launcher_host": socket.gethostname(), "llmcycle.launcher_pid": str(os.getpid()),
+            "llmcycle.launcher_started": f"{psutil.Process().create_time():.2f}"}
+
+
+def _alive(tags: dict[str, str]) -> bool:
+    import psutil
+
+    try:
+        started = psutil.Process(int(tags["llmcycle.launcher_pid"])).create_time()
+    except (psutil.NoSuchProcess, ValueError):
+        return False
+    return abs(started - float(tags.get("llmcycle.launcher_started", started))) < 1.0  # else a reused pid
+
+
+def end_orphans(client, experiment: str, resumed_by: str) -> list[str]:
+    """Mark KILLED the runs of this experiment still RUNNING whose launcher on this host is gone (a `kill -9`,
+    a power cut), tagged with the run that found them; return their ids. Runs launched on other hosts are left
+    alone: this host cannot tell whether their launcher lives."""
+    host, ended = socket.gethostname(), []
+    for run in client.search_runs([experiment], "attributes.status = 'RUNNING'", max_results=1000):
+        tags = run.data.tags
+        if tags.get("llmcycle.launcher_host") != host or run.info.run_id == resumed_by or _alive(tags):
+            continue
+        client.set_tag(run.info.run_id, "llmcycle.resumed_by", resumed_by)
+        client.set_tag(run.info.run_id, "llmcycle.error", f"its launcher (pid {tags['llmcycle.launcher_pid']} on "
+                       f"{host}) ended without closing it: killed; run {resumed_by} took over")
+        client.set_terminated(run.info.run_id, "KILLED")
+        ended.append(run.info.run_id)
+    return ended
+
+
 def start_parent_run(loaded: LoadedSpec, client, experiment: str, flow_run_id: str = "") -> str:
     """The pipeline's run: the spec as an artifact and its top-level settings as params."""
     tags = {"llmcycle.spec": loaded.spec.name, "llmcycle.spec_path": str(loaded.path),
-            "prefect.flow_run_id": flow_run_id, "mlflow.source.git.commit": git_commit(loaded.base_dir) or ""}
+            "prefect.flow_run_id": flow_run_id, "mlflow.source.git.commit": git_commit(loaded.base_dir) or "",
+            **launcher_tags()}
     run = client.create_run(experiment, run_name=loaded.spec.name, tags={k: v for k, v in tags.items() if v})
     client.log_text(run.info.run_id, json.dumps(loaded.redacted(), indent=2), "spec.json")
     log_params(client, run.info.run_id, flatten({k: v for k, v in loaded.redacted().items() if k != "steps"}))
@@ -76,7 +151,7 @@ def start_step_run(loaded: LoadedSpec, client, parent_run_id: str, planned, cach
         client.get_run(parent_run_id).info.experiment_id, run_name=planned.name,
         tags={"mlflow.parentRunId": parent_run_id, "llmcycle.kind": planned.kind, "llmcycle.step": planned.name,
               "llmcycle.fingerprint": planned.fingerprint, "llmcycle.cached": "yes" if cached else "no",
-              "llmcycle.output_dir": str(planned.output_dir), "llmcycle.launcher_pid": str(os.getpid()),
+              "llmcycle.output_dir": str(planned.output_dir), **launcher_tags(),
               **({"llmcycle.work_pool": planned.run_on["work_pool"]} if planned.run_on and not cached else {})})
     step = loaded.redacted()["steps"][planned.name]
     log_params(client, run.info.run_id, flatten({**step, "resources": planned.resources}))
@@ -84,8 +159,9 @@ def start_step_run(loaded: LoadedSpec, client, parent_run_id: str, planned, cach
 
 
 def finish_step_run(client, run_id: str, status: str, metrics: dict[str, float] | None = None,
-                    error: str = "", log: Path | None = None) -> None:
-    """Log the final metrics (except those a training curve already logged), the step's log, and the status."""
+                    error: str = "", log: Path | None = None, trace: str = "") -> None:
+    """Log the final metrics (except those a training curve already logged), the step's log, the traceback
+    of a failure (kept here rather than shown in the terminal), and the status."""
     from mlflow.entities import Metric
 
     if metrics:
@@ -96,8 +172,13 @@ def finish_step_run(client, run_id: str, status: str, metrics: dict[str, float] 
             client.log_batch(run_id, metrics=batch[i:i + 500])
     if error:
         client.set_tag(run_id, "llmcycle.error", error[:5000])
-    if log is not None and log.is_file() and log.stat().st_size:
-        client.log_artifact(run_id, str(log), "logs")
+    try:
+        if log is not None and log.is_file() and log.stat().st_size:
+            client.log_artifact(run_id, str(log), "logs")
+        if trace:
+            client.log_text(run_id, trace, "logs/traceback.txt")
+    except OSError as err:  # a full disk under the artifact store: the status matters more than the log
+        client.set_tag(run_id, "llmcycle.logs", f"not stored: {err}")
     client.set_terminated(run_id, STATUS[status])
 
 

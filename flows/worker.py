@@ -7,11 +7,10 @@ the engine would (flows/launch.py), so the output and result.json land in the sh
 
 from __future__ import annotations
 
-import os
-
 from prefect import flow, get_run_logger
 
-from flows import launch
+import schemas
+from flows import launch, tracking
 from flows.step import StepRequest
 
 
@@ -21,8 +20,11 @@ def run_step_flow(request: dict) -> dict:
     from mlflow.tracking import MlflowClient
 
     step = StepRequest.from_json(request)
-    if step.run_id:
-        MlflowClient(tracking_uri=step.tracking_uri).set_tag(step.run_id, "llmcycle.launcher_pid", str(os.getpid()))
+    if step.run_id:  # this worker now keeps the step's run open
+        client = MlflowClient(tracking_uri=step.tracking_uri or tracking.tracking_uri(schemas.load(step.spec_path,
+                                                                                                    step.overrides)))
+        for key, value in tracking.launcher_tags().items():
+            client.set_tag(step.run_id, key, value)
     launch.start_forkserver()
     outcome = launch.run_local(step, get_run_logger().info, should_stop=lambda: None)
     if not outcome.ok:

@@ -33,11 +33,23 @@ class Ref:
 @dataclass(frozen=True)
 class Input:
     """Marks a field holding files or globs (relative to the spec) whose contents feed the step: they are part
-    of its fingerprint, so editing one re-runs the step (`StepSpec.input_globs` finds every such field)."""
+    of its fingerprint, so editing one re-runs the step (`StepSpec.input_globs` finds every such field).
+
+    `rows` names the files' row format, checked before the step trains (schemas/rows.py): `text` (.txt, or
+    .jsonl rows with the section's `text_field`), `sft`, `prompt`, `preference`, `task`; None: not checked
+    row by row (a dataset name, a folder, a file with a schema of its own).
+    """
+
+    rows: str | None = None
 
 
 InputFiles = Annotated[list[str], Input()]
 InputFile = Annotated[str, Input()]
+TextFiles = Annotated[list[str], Input(rows="text")]
+SftFiles = Annotated[list[str], Input(rows="sft")]
+PromptFiles = Annotated[list[str], Input(rows="prompt")]
+PreferenceFiles = Annotated[list[str], Input(rows="preference")]
+TaskFile = Annotated[str, Input(rows="task")]
 StepName = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_-]*$")]
 TokenizerRef = Annotated[str, Ref("tokenizer", heldout=True)]  # with its token files, validation included
 ModelRef = Annotated[str, Ref("model", external=True),
@@ -81,6 +93,11 @@ class StepSpec(Section):
         """Why the settings rule `output` out (for the error of a step that reads it), or ""."""
         return ""
 
+    def checks_rows(self, field: str) -> bool:
+        """Whether a bad row of the input `field` (a dotted path) stops the step before it starts; False for
+        data whose bad rows the step reports instead (`monitor`). Files are checked either way."""
+        return True
+
     def input_globs(self) -> list[str]:
         """File globs (relative to the spec file) whose contents feed this step: every `Input` field's value."""
         return list(_walk_inputs(self))
@@ -114,23 +131,34 @@ def _walk_refs(model: BaseModel, prefix: tuple) -> Iterator[tuple[tuple, str, Re
 
 
 def _walk_inputs(model: BaseModel) -> Iterator[str]:
+    for _, patterns, _, _ in walk_inputs(model):
+        yield from patterns
+
+
+def walk_inputs(model: BaseModel, prefix: str = "") -> Iterator[tuple[str, list[str], Input, BaseModel]]:
+    """Yield (field path, its globs, its Input marker, the section holding it) for every input field set."""
     for name, info in type(model).model_fields.items():
         value = getattr(model, name)
-        marked = any(isinstance(m, Input) for m in info.metadata) or _find_marker(info.annotation, Input)
-        if marked and isinstance(value, str):
-            yield value
-        elif marked and isinstance(value, list):
-            yield from (v for v in value if isinstance(v, str))
+        marker = next((m for m in info.metadata if isinstance(m, Input)), None) or _find_marker(info.annotation, Input)
+        if marker is not None and isinstance(value, str):
+            yield prefix + name, [value], marker, model
+        elif marker is not None and isinstance(value, list):
+            yield prefix + name, [v for v in value if isinstance(v, str)], marker, model
         elif isinstance(value, BaseModel):
-            yield from _walk_inputs(value)
+            yield from walk_inputs(value, f"{prefix}{name}.")
         elif isinstance(value, list):
-            for item in value:
+            for i, item in enumerate(value):
                 if isinstance(item, BaseModel):
-                    yield from _walk_inputs(item)
+                    yield from walk_inputs(item, f"{prefix}{name}.{i}.")
 
 
-def _find_marker(annotation: Any, kind: type) -> bool:
-    return any(isinstance(arg, kind) or _find_marker(arg, kind) for arg in typing.get_args(annotation))
+def _find_marker(annotation: Any, kind: type):
+    """The first `kind` marker inside an annotation (`InputFiles | None`), or None."""
+    for arg in typing.get_args(annotation):
+        found = arg if isinstance(arg, kind) else _find_marker(arg, kind)
+        if found is not None:
+            return found
+    return None
 
 
 class FromStep(Section):

@@ -10,7 +10,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
-from .base import InputFile, InputFiles, Ref, Section
+from .base import InputFile, InputFiles, PreferenceFiles, PromptFiles, Ref, Section, SftFiles, TextFiles
 
 # The builtin task mixture's tasks (components/lib/tasks.py; a test keeps the two lists equal).
 BUILTIN_TASKS = ("copy", "reverse", "capitalize", "count", "larger", "add", "sentiment", "polite")
@@ -37,7 +37,7 @@ class CorpusSpec(Section):
 
     builtin: Literal["pydoc"] | None = None
     """A corpus that ships with Python: `pydoc` is the pydoc topics (~465 KB of English)."""
-    files: InputFiles | None = None
+    files: TextFiles | None = None
     """Globs of .txt files (documents separated by blank lines) or .jsonl files, relative to the spec."""
     text_field: str = "text"
     """Field holding the text in .jsonl rows."""
@@ -55,9 +55,9 @@ class CorpusSpec(Section):
 class SftDataSpec(Section):
     """Instruction data: exactly one of `files`, `builtin` or `step`."""
 
-    files: InputFiles | None = None
+    files: SftFiles | None = None
     """Globs of JSONL files (relative to the spec) with {prompt, completion} or {messages: [...]} rows."""
-    eval_files: InputFiles | None = None
+    eval_files: SftFiles | None = None
     """Globs of held-out JSONL files in the same formats (default: eval_fraction of the training rows)."""
     builtin: Literal["tasks"] | None = None
     """`tasks`: the project's templated task mixture, with held-out combinations for evaluation."""
@@ -90,9 +90,9 @@ class SftDataSpec(Section):
 class PromptDataSpec(Section):
     """Prompts to roll out from: exactly one of `files` or `builtin`; held-out prompts measure the result."""
 
-    files: InputFiles | None = None
+    files: PromptFiles | None = None
     """Globs of JSONL files with rows {prompt, ...} (or chat `messages`); other fields reach reward functions."""
-    eval_files: InputFiles | None = None
+    eval_files: PromptFiles | None = None
     """Globs of held-out JSONL prompt files; default: hold out `eval_fraction` of the rows."""
     builtin: Literal["tasks"] | None = None
     """`tasks`: the prompts of the builtin task mixture, with answers for verifiable rewards."""
@@ -118,9 +118,9 @@ class PromptDataSpec(Section):
 class PreferenceDataSpec(Section):
     """Preference pairs: exactly one of `files`, `builtin` or `step`."""
 
-    files: InputFiles | None = None
+    files: PreferenceFiles | None = None
     """Globs of JSONL files (relative to the spec) with {prompt, chosen, rejected, score?} rows (text or chat)."""
-    eval_files: InputFiles | None = None
+    eval_files: PreferenceFiles | None = None
     """Globs of held-out JSONL files in the same format (default: eval_fraction of the training rows)."""
     builtin: Literal["preferences"] | None = None
     """`preferences`: correct vs near-miss answers on the task mixture, and polite vs rude wording."""

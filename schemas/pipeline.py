@@ -52,6 +52,9 @@ class PipelineSpec(Section):
     """Steps that may run at the same time when their inputs are ready. 2: the usual branch is an evaluation
     beside a fine-tune, and on a laptop more CPU steps at once slow each other about as much as they gain;
     GPU steps are also bounded by their device claims, so raise it on machines with many GPUs."""
+    trust_remote_code: list[Annotated[str, Field(pattern=r"^(hf:|\./|\.\./|/)")]] = []
+    """External models (`hf:ID`, `./path`, `/path`, as the steps write them) allowed to run the Python code they
+    ship (`auto_map` in their config.json) when they load. Empty: llmcycle runs no model's own code."""
     steps: dict[str, Step] = Field(min_length=1)  # type: ignore[valid-type]
     """The steps, by name; `kind` picks each step's schema, references between steps form the DAG."""
 

@@ -122,12 +122,13 @@ def serving(command: list[str], ready_url: str, log: Path, seconds: float, cwd: 
                     time.sleep(1)
             yield server
         finally:
-            os.killpg(server.pid, signal.SIGTERM)
-            try:
-                server.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(server.pid, signal.SIGKILL)
-                server.wait()
+            if server.poll() is None:  # the block may have stopped it already
+                os.killpg(server.pid, signal.SIGTERM)
+                try:
+                    server.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    os.killpg(server.pid, signal.SIGKILL)
+                    server.wait()
 
 
 def cli(*args: str, log: Path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,7 @@ def load_tokenizer(source: str | Path):
     """A tokenizer with a pad token (EOS stands in when the tokenizer has none)."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(source))
+    tok = AutoTokenizer.from_pretrained(str(source), trust_remote_code=trusts_code(source))
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -46,7 +47,7 @@ def is_masked_model(source_or_config) -> bool:
     from transformers import AutoConfig
 
     config = source_or_config if not isinstance(source_or_config, (str, Path)) else \
-        AutoConfig.from_pretrained(str(source_or_config))
+        AutoConfig.from_pretrained(str(source_or_config), trust_remote_code=trusts_code(source_or_config))
     archs = " ".join(getattr(config, "architectures", None) or [])
     if "MaskedLM" in archs:
         return True
@@ -82,7 +83,43 @@ def load_model(source: str | Path, objective: str = "causal", base: str | None =
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
     auto = AutoModelForMaskedLM if masked else AutoModelForCausalLM
-    return auto.from_pretrained(source, **kw), load_tokenizer(source)
+    check_trusted(source)
+    try:
+        model = auto.from_pretrained(source, use_safetensors=True, trust_remote_code=trusts_code(source), **kw)
+    except OSError:
+        if Path(source).is_dir() and not any(Path(source).glob("*.safetensors")):
+            raise ValueError(f"{source}: no .safetensors weights; llmcycle loads weights only from safetensors "
+                             "(a pickled pytorch_model.bin can run code when loaded): convert it with "
+                             "`save_pretrained(..., safe_serialization=True)`") from None
+        raise
+    return model, load_tokenizer(source)
+
+
+TRUSTED_ENV = "LLMCYCLE_TRUST_REMOTE_CODE"  # JSON list of the sources the spec's `trust_remote_code:` names
+
+
+def trusts_code(source: str | Path) -> bool:
+    """Whether the spec allows `source` to run the code it ships. The engine puts the sources the spec's
+    top-level `trust_remote_code:` list resolves to in LLMCYCLE_TRUST_REMOTE_CODE for the step's process
+    (loaders are called from many places, none of which should carry the list)."""
+    trusted = json.loads(os.environ.get(TRUSTED_ENV, "[]"))
+    return _canonical(source) in {_canonical(t) for t in trusted}
+
+
+def _canonical(source: str | Path) -> str:
+    return str(Path(source).resolve()) if Path(source).exists() else str(source)
+
+
+def check_trusted(source: str | Path) -> None:
+    """Refuse a local model that ships its own Python code (`auto_map` in config.json) unless the spec trusts
+    it: transformers' trust_remote_code is on only for the sources the spec lists. A hub model that needs its
+    code is refused by transformers itself (its error names the option)."""
+    config = Path(source) / "config.json"
+    if config.is_file() and "auto_map" in json.loads(config.read_text()) and not trusts_code(source):
+        raise ValueError(f"{source}: this model ships its own Python code (auto_map in config.json) and llmcycle "
+                         "does not run a model's code unless told to: list the model's reference (as the step "
+                         "writes it) under `trust_remote_code:` at the top of the spec if you trust it, or use "
+                         "a model whose architecture transformers has built in")
 
 
 def save_tokenizer(tokenizer, folder: str | Path) -> None:

@@ -51,5 +51,5 @@ def load_quantized(folder: str | Path):
     folder = Path(folder)
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
     qmodel = quantize_int8(model.eval())
-    qmodel.load_state_dict(torch.load(folder / INT8_FILE, weights_only=False))
+    qmodel.load_state_dict(torch.load(folder / INT8_FILE, weights_only=True))
     return qmodel.eval(), load_tokenizer(str(folder))

@@ -40,27 +40,42 @@ def resolve_version(uri: str, tracking_uri: str | None = None):
 
 def download_registered(uri: str, cache: Path, tracking_uri: str | None = None) -> Path:
     """Download a registered transformers model once and return a folder `from_pretrained` loads."""
+    return _download(uri, cache, tracking_uri, "", _merge_transformers_layout)
+
+
+def download_mlflow_model(uri: str, cache: Path, tracking_uri: str | None = None) -> Path:
+    """Download a registered model once and return its MLflow model folder (the one holding `MLmodel`), as
+    MLflow's scoring server loads it."""
+    def mlflow_folder(root: Path) -> Path:
+        found = sorted(root.rglob("MLmodel"), key=lambda p: len(p.parts))
+        if not found:
+            raise FileNotFoundError(f"no MLmodel file in the registered model at {root}")
+        return found[0].parent
+
+    return _download(uri, cache, tracking_uri, "mlflow-", mlflow_folder, done="MLmodel")
+
+
+def _download(uri: str, cache: Path, tracking_uri: str | None, prefix: str, pick, done: str = "config.json") -> Path:
     import mlflow
+    from mlflow.tracking import MlflowClient
 
     version = resolve_version(uri, tracking_uri)
     name = version.name
     # Keyed by where the version's files live, not only its number: version 1 of a name in another store
     # (another workdir, a reset registry) is another model.
     origin = hashlib.sha256(f"{tracking_uri}|{version.source}|{version.run_id}".encode()).hexdigest()[:12]
-    target = cache / name / f"{version.version}-{origin}"
-    if (target / "config.json").is_file():
+    target = cache / name / f"{prefix}{version.version}-{origin}"
+    if (target / done).is_file():
         return target
-    staging = cache / name / f".dl-{version.version}-{origin}"
+    staging = cache / name / f".dl-{prefix}{version.version}-{origin}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    from mlflow.tracking import MlflowClient
-
     # The version's storage location, not models:/..., whose resolution reads the global registry URI.
     where = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri).get_model_version_download_uri(
         name, version.version)
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=where, dst_path=str(staging),
                                                      tracking_uri=tracking_uri))
-    folder = _merge_transformers_layout(local)
+    folder = pick(local)
     shutil.rmtree(target, ignore_errors=True)
     folder.rename(target)
     shutil.rmtree(staging, ignore_errors=True)

@@ -107,11 +107,14 @@ def load_reward_model(source: str, seed: int = 0):
     from transformers.utils import logging as hf_logging
     from trl.trainer.utils import disable_dropout_in_model
 
+    from components.lib.models import check_trusted
+
+    check_trusted(source)
     tokenizer = AutoTokenizer.from_pretrained(source)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "score weights newly initialized" is expected here
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=1)
+        model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=1, use_safetensors=True)
     finally:
         hf_logging.set_verbosity(verbosity)
     if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:

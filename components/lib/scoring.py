@@ -156,7 +156,8 @@ def score_windows(model, windows: list[Window], batch_size: int, pad_id: int) ->
         for i in range(0, len(windows), batch_size):
             batch = {k: v.to(device) for k, v in collate_windows(windows[i:i + batch_size], pad_id).items()}
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            total = total + batch_scores(logits, batch["labels"])
+            # A prompt-tuned model puts its virtual tokens before the input: score the input's positions.
+            total = total + batch_scores(logits[:, -batch["labels"].shape[1]:], batch["labels"])
     return total
 
 

@@ -277,9 +277,22 @@ def perf_metrics(trainer: L.Trainer) -> dict[str, float]:
 
 
 def last_checkpoint(ctx: StepContext) -> str | None:
-    """The resumable checkpoint of this very fingerprint, if a previous attempt left one."""
-    path = ctx.ckpt_dir / "last.ckpt"
-    return str(path) if path.is_file() else None
+    """The newest intact checkpoint of this very fingerprint, if a previous attempt left one: `last.ckpt`, else
+    the newest periodic one. A checkpoint cut short (a full disk, a kill during the write) is not a whole zip
+    archive (torch.save's format); it is skipped with a note, never resumed from."""
+    import re
+    import zipfile
+
+    periodic = sorted(ctx.ckpt_dir.glob("step-step=*.ckpt"),
+                      key=lambda p: int(re.findall(r"\d+", p.name)[-1]), reverse=True)
+    for path in [ctx.ckpt_dir / "last.ckpt", *periodic]:
+        if not path.is_file():
+            continue
+        if zipfile.is_zipfile(path):
+            return str(path)
+        print(f"{ctx.name}: {path} is damaged (cut short by a full disk or a kill?); not resuming from it",
+              flush=True)
+    return None
 
 
 def fit(trainer: L.Trainer, module: L.LightningModule, datamodule=None, ctx: StepContext | None = None,
@@ -288,7 +301,7 @@ def fit(trainer: L.Trainer, module: L.LightningModule, datamodule=None, ctx: Ste
     ckpt = last_checkpoint(ctx) if ctx is not None else None
     if ckpt:
         print(f"{ctx.name}: resuming from {ckpt}", flush=True)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt, **loaders)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt, weights_only=True, **loaders)  # no pickled code
 
 
 def sum_over_ranks(module: L.LightningModule, *values: float) -> list[float]:

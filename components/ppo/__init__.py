@@ -63,12 +63,14 @@ def load_scorer(spec: PPOSpec, ctx: StepContext, tokenizer, rows: list[dict]):
     from trl.trainer.utils import disable_dropout_in_model
 
     from components.lib.rewards import get_reward, read_reward_stats
+    from components.lib.models import check_trusted
     from components.ppo.module import Scorer
 
     rm, mean, scale = None, 0.0, 1.0
     if spec.reward_model is not None:
         source = _reward_model_source(spec.reward_model, ctx)
-        rm = AutoModelForSequenceClassification.from_pretrained(source).requires_grad_(False).eval()
+        check_trusted(source)
+        rm = AutoModelForSequenceClassification.from_pretrained(source, use_safetensors=True).requires_grad_(False).eval()
         disable_dropout_in_model(rm)
         if rm.config.vocab_size < len(tokenizer):
             raise ValueError(f"reward_model: its vocabulary ({rm.config.vocab_size}) is smaller than the policy's "

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from ..base import CausalModelRef, InputFile, InputFiles, Section, TrainingStepSpec
+from ..base import CausalModelRef, Input, PromptFiles, Section, TrainingStepSpec
 from ..peft import PeftSpec
 
 
@@ -17,7 +17,7 @@ class PromptsSpec(Section):
     """`red_team`: the project's prompts that invite a rude, unsafe or dishonest reply; `polite`: requests
     to word, built from held-out combinations of the task mixture's `polite` task (for a judge fine-tuned
     on that task). Each row carries a reference good/bad reply pair, the ground truth for the AI labels."""
-    files: InputFiles | None = None
+    files: PromptFiles | None = None
     """Globs of JSONL files (relative to the spec) with {prompt} rows; optional {chosen, rejected} reference pairs."""
     limit: int | None = Field(None, ge=2)
     """Use at most this many prompts (the first ones, after a seeded shuffle)."""
@@ -74,7 +74,7 @@ class ConstitutionalSpec(TrainingStepSpec):
     """The policy: it answers, critiques and revises, and is fine-tuned on its final revisions."""
     feedback_model: CausalModelRef | None = None
     """The judge for RL-CAI labels (default: the policy)."""
-    constitution: InputFile | None = None
+    constitution: Annotated[str | None, Input(rows="constitution")] = None
     """YAML file of principles (relative to the spec); default: the constitution shipped with llmcycle."""
     principles: list[str] | None = None
     """Use only these principles of the constitution (default: all)."""

@@ -6,7 +6,7 @@ from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from ..base import InputFile, ModelRef, Ref, Section, StepSpec
+from ..base import ModelRef, Ref, Section, StepSpec, TaskFile
 from ..data import BuiltinTask
 
 TokensRef = Annotated[str, Ref("tokens", heldout=True)]
@@ -32,7 +32,7 @@ class TaskSpec(Section):
     """`choice`: pick the choice with the highest log-likelihood; `exact_match`: generate greedily and compare."""
     examples: list[TaskExample] | None = None
     """Examples written in the spec."""
-    file: InputFile | None = None
+    file: TaskFile | None = None
     """A JSONL file of examples (`prompt`, `answer`, optional `choices`), relative to the spec."""
     max_new_tokens: int = Field(16, ge=1)
     """Tokens to generate for exact_match."""

@@ -53,3 +53,6 @@ class MonitorSpec(StepSpec):
     on_drift: Literal["fail", "warn"] = "fail"
     """`fail`: a threshold crossed fails the step (and the scheduled run); `warn`: report it and finish."""
 
+
+    def checks_rows(self, field: str) -> bool:
+        return not field.startswith("data.")  # bad rows of the new data are what this step reports

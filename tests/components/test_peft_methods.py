@@ -97,6 +97,15 @@ def test_prompt_tuning_changes_only_virtual_token_embeddings():
     assert all(torch.equal(after[k], v) for k, v in before.items())
 
 
+def test_a_prompt_tuned_model_is_scored_on_its_input_positions():
+    from components.lib.scoring import Window, score_windows
+
+    model = apply_peft(tiny_llama(), PeftSpec(method="prompt_tuning", num_virtual_tokens=4))
+    windows = [Window(input_ids=[1, 2, 3, 4], targets=[3, 4, 5]), Window(input_ids=[1, 6], targets=[6, 7])]
+    scores = score_windows(model, windows, batch_size=2, pad_id=0)  # the forgetting report of prompt tuning
+    assert scores.count == 5 and scores.nll > 0
+
+
 def test_prompt_tuning_init_from_text(tiny_lm):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -14,6 +14,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -78,7 +79,7 @@ def llmcycle(spec: Path, *args: str, log: Path):
 def wait_for(predicate, proc: subprocess.Popen, log: Path, what: str, timeout: float = 300) -> None:
     deadline = time.time() + timeout
     while not predicate():
-        assert proc.poll() is None, f"run ended before {what}:\n{log.read_text()[-3000:]}"
+        assert proc is None or proc.poll() is None, f"run ended before {what}:\n{log.read_text()[-3000:]}"
         assert time.time() < deadline, f"no {what} within {timeout} s"
         time.sleep(0.2)
 
@@ -97,7 +98,7 @@ def test_branches_run_at_once_in_their_own_processes_and_a_failure_lets_them_fin
     with pytest.raises(Exception) as err:
         run_pipeline(str(spec))
     message = format_failure(err.value)
-    assert message.startswith("step 'bad' (evaluate) failed: tasks.items 't': file ") and "missing.jsonl" in message
+    assert message.startswith("step 'bad' (evaluate) failed: tasks.items.0.file: no file matches 'missing.jsonl'")
 
     runs = {r.data.tags["llmcycle.step"]: r for r in step_runs(spec, "branches")}
     assert {n: r.info.status for n, r in runs.items()} == {"tok": "FINISHED", "lm": "FINISHED", "ev1": "FINISHED",
@@ -140,7 +141,7 @@ def test_ctrl_c_sigterm_and_cancel_stop_the_step_and_each_rerun_resumes(tmp_path
     spec, work = tmp_path / "long.yaml", tmp_path / "work"
     spec.write_text(LONG)
     reached = 0
-    for attempt, how in enumerate(("SIGINT", "SIGTERM", "cancel")):
+    for attempt, how in enumerate(("SIGINT", "SIGTERM", "cancel", "kill -9")):
         log = tmp_path / f"{how}.log"
         with llmcycle(spec, log=log) as proc:
             wait_for(lambda: checkpoint_step(work) > reached, proc, log, "a new periodic checkpoint")
@@ -149,6 +150,9 @@ def test_ctrl_c_sigterm_and_cancel_stop_the_step_and_each_rerun_resumes(tmp_path
                 flow_run_id = parent_runs(spec, "long")[-1].data.tags["prefect.flow_run_id"]
                 with get_client(sync_client=True) as client:
                     client.set_flow_run_state(flow_run_id, Cancelling(message="cancelled by the test"), force=True)
+            elif how == "kill -9":  # the whole process group, as an OOM killer or `kill -9 -PGID` does
+                child = int(step_runs(spec, "long", "lm")[-1].data.tags["llmcycle.pid"])
+                os.killpg(proc.pid, signal.SIGKILL)
             else:
                 proc.send_signal(getattr(signal, how))
             proc.wait(timeout=180)
@@ -156,6 +160,10 @@ def test_ctrl_c_sigterm_and_cancel_stop_the_step_and_each_rerun_resumes(tmp_path
         assert proc.returncode != 0, out[-3000:]
         assert attempt == 0 or "lm: resuming from" in out, out[-3000:]
         lm = step_runs(spec, "long", "lm")
+        if how == "kill -9":  # nobody was left to close its runs
+            assert lm[-1].info.status == parent_runs(spec, "long")[-1].info.status == "RUNNING"
+            wait_for(lambda: not psutil.pid_exists(child), None, log, "the step's process to stop (its parent died)")
+            continue
         assert len(lm) == attempt + 1 and lm[-1].info.status == "KILLED", (how, out[-3000:])
         assert "stopped" in lm[-1].data.tags["llmcycle.error"]
         assert parent_runs(spec, "long")[-1].info.status == "KILLED"
@@ -169,3 +177,10 @@ def test_ctrl_c_sigterm_and_cancel_stop_the_step_and_each_rerun_resumes(tmp_path
     assert done.returncode == 0 and "lm: resuming from" in out, out[-3000:]
     [result] = glob.glob(str(work / "lm" / "*" / "result.json"))
     assert json.loads(Path(result).read_text())["metrics"]["train/steps"] == 2400
+    # The run that resumed closed what the killed one left RUNNING, and says so on each.
+    *_, killed, resumed = parent_runs(spec, "long")
+    orphans = [killed, step_runs(spec, "long", "lm")[-2]]
+    assert resumed.info.status == "FINISHED" and "marked 2 MLflow run(s)" in out, out[-3000:]
+    for run in orphans:
+        assert run.info.status == "KILLED" and run.data.tags["llmcycle.resumed_by"] == resumed.info.run_id
+        assert "ended without closing it" in run.data.tags["llmcycle.error"]

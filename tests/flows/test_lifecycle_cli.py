@@ -108,3 +108,59 @@ def test_serve_answers_invocations_with_generated_text(registry, tmp_path):
         answer = json.loads(urllib.request.urlopen(request, timeout=60).read())
         prediction = answer["predictions"][0]
         assert isinstance(prediction, str) and prediction.strip() and not prediction.startswith("The ")
+
+
+def post(port: int, body: bytes, timeout: float = 60) -> tuple[int, dict]:
+    import urllib.error
+
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as answer:
+            return answer.status, json.loads(answer.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def test_serve_refuses_what_it_cannot_do_holds_under_load_and_stops_everything(registry, tmp_path):
+    import re
+    import signal
+
+    import psutil
+
+    from flows.loadtest import load_test
+
+    port, log = free_port(), tmp_path / "serve.log"
+    command = [sys.executable, "-m", "flows.cli", "serve", "models:/tiny-lm@champion", "--tracking-uri", registry,
+               "--port", str(port), "--max-new-tokens", "16"]
+    with serving(command, f"http://127.0.0.1:{port}/ping", log, 180, cwd=REPO) as server:
+        scorer = psutil.Process(int(re.search(r"scoring server pid (\d+)", log.read_text()).group(1)))
+        assert [c.laddr.ip for c in scorer.net_connections() if c.status == "LISTEN"] == ["127.0.0.1"]
+        ok = json.dumps({"inputs": ["The "], "params": {"max_new_tokens": 4}}).encode()
+        assert post(port, ok)[0] == 200
+        refused = {
+            b"{not json": (400, "not valid JSON"),
+            b'{"prompts": ["x"]}': (400, 'expected a JSON object {"inputs"'),
+            b'{"inputs": [3]}': (400, "must be a prompt or a non-empty list of prompts"),
+            json.dumps({"inputs": ["x"] * 17}).encode(): (413, "17 prompts in one request; this server takes at most 16"),
+            json.dumps({"inputs": ["x"], "params": {"max_new_tokens": 10_000_000}}).encode():
+                (422, "max_new_tokens is 10,000,000; this server generates at most 16"),
+            json.dumps({"inputs": ["x" * (2 << 20)]}).encode(): (413, "this server takes at most 65,536"),
+            json.dumps({"inputs": ["x"], "params": {"temperature": "hot"}}).encode(): (400, ""),
+        }
+        for body, (status, text) in refused.items():
+            code, answer = post(port, body)
+            assert (code, set(answer)) == (status, {"error"}) and text in answer["error"], (body[:60], code, answer)
+            assert "Traceback" not in answer["error"]
+
+        before = scorer.memory_info().rss
+        report = load_test(f"http://127.0.0.1:{port}/invocations", clients=6, seconds=4, max_new_tokens=8)
+        assert report.errors == 0 and report.answered >= 6, report
+        assert report.p99_ms < 30_000
+        assert scorer.memory_info().rss < before * 1.25 + (30 << 20), (before, scorer.memory_info().rss)
+
+        server.send_signal(signal.SIGTERM)  # the command alone, as a supervisor stops it
+        server.wait(timeout=30)
+        assert server.returncode == 0, log.read_text()[-2000:]
+        psutil.wait_procs([scorer], timeout=20)
+        assert not scorer.is_running(), "the scoring server outlived `llmcycle serve`"

@@ -101,7 +101,10 @@ def test_only_selects_a_step_and_what_it_needs_and_force_marks_one(spec):
 def test_complete_output_is_cached(spec):
     plan = {p.name: p for p in make_plan(load(spec))}
     plan["tok"].output_dir.mkdir(parents=True)
-    (plan["tok"].output_dir / "result.json").write_text("{}")
+    (plan["tok"].output_dir / "result.json").write_text("{}")  # not what a step writes
+    assert make_plan(load(spec))[0].to_json()["action"] == "run"
+    (plan["tok"].output_dir / "result.json").write_text(json.dumps(
+        {"name": "tok", "kind": "tokenize", "fingerprint": plan["tok"].fingerprint, "outputs": {}, "metrics": {}}))
     assert {p.name: p.to_json()["action"] for p in make_plan(load(spec))} == \
         {"tok": "cached", "other": "run", "base": "run", "gen": "run"}
 

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from components.lib.models import load_model
+
 REPO = Path(__file__).resolve().parents[3]
 SAMPLE = "The for statement iterates over a sequence:\n    for x in items: print(x)  # </s> ünïcödé"
 
@@ -55,3 +57,59 @@ def test_saved_tokenizer_loads_in_the_oldest_transformers_and_gives_the_same_ids
     for name, bos, eos, ids in json.loads(found).values():
         assert (name, bos, eos) == ("PreTrainedTokenizerFast", "</s>", "</s>")
         assert ids == ours
+
+
+def test_a_model_that_ships_its_own_code_loads_only_when_the_spec_trusts_it(tiny_lm, tmp_path, monkeypatch):
+    import shutil
+
+    from components.lib.models import TRUSTED_ENV
+
+    folder = tmp_path / "remote"
+    shutil.copytree(tiny_lm, folder)
+    (folder / "my_config.py").write_text("from transformers import LlamaConfig\n\n\n"
+                                         "class MyConfig(LlamaConfig):\n    model_type = 'my_llama'\n")
+    (folder / "my_model.py").write_text("from transformers import LlamaForCausalLM\n\nfrom .my_config import MyConfig\n"
+                                        "\n\nclass MyModel(LlamaForCausalLM):\n    config_class = MyConfig\n"
+                                        "    shipped = True\n")
+    config = json.loads((folder / "config.json").read_text())
+    config.update(model_type="my_llama", architectures=["MyModel"],
+                  auto_map={"AutoConfig": "my_config.MyConfig", "AutoModelForCausalLM": "my_model.MyModel"})
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="ships its own Python code .* under `trust_remote_code:` at the top"):
+        load_model(folder)
+    monkeypatch.setenv(TRUSTED_ENV, json.dumps([str(folder)]))  # what the engine sets from the spec's list
+    model, _ = load_model(folder)
+    assert type(model).__name__ == "MyModel" and model.shipped
+
+
+def test_pickled_weights_are_refused_safetensors_load(tiny_lm, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    folder = tmp_path / "pickled"  # the layout of an older checkpoint: config, pickled weights, tokenizer
+    folder.mkdir()
+    torch.save(AutoModelForCausalLM.from_pretrained(tiny_lm).state_dict(), folder / "pytorch_model.bin")
+    for f in [*tiny_lm.glob("tokenizer*"), tiny_lm / "config.json"]:
+        (folder / f.name).write_bytes(f.read_bytes())
+    assert (folder / "pytorch_model.bin").is_file() and not list(folder.glob("*.safetensors"))
+    with pytest.raises(ValueError, match="no .safetensors weights; llmcycle loads weights only from safetensors"):
+        load_model(folder)
+    model, _ = load_model(tiny_lm)
+    assert model.config.num_hidden_layers == 2
+
+
+def test_the_spec_names_the_models_whose_code_may_run(tmp_path, monkeypatch):
+    import schemas
+    from components.lib.models import TRUSTED_ENV, trusts_code
+    from flows.step import _trust_code
+
+    spec = tmp_path / "spec.yaml"
+    body = "name: t\n{trust}steps:\n  tok: {{kind: tokenize, corpus: {{builtin: pydoc}}}}\n"
+    spec.write_text(body.format(trust="trust_remote_code: [hf:org/model, ./models/x]\n"))
+    monkeypatch.delenv(TRUSTED_ENV, raising=False)
+    assert not trusts_code("org/model")
+    _trust_code(schemas.load(spec))
+    assert trusts_code("org/model") and trusts_code(tmp_path / "models" / "x") and not trusts_code("org/other")
+    spec.write_text(body.format(trust="trust_remote_code: [tok]\n"))
+    with pytest.raises(schemas.SpecError, match="trust_remote_code"):
+        schemas.load(spec)
