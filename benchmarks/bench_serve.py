@@ -47,7 +47,7 @@ def register_tiny_model(tmp: Path) -> str:
     from pydoc_data.topics import topics
     from transformers import PreTrainedTokenizerFast
 
-    from components.lib.mlflow_models import pip_requirements
+    from components.lib.mlflow_models import generation_signature, pip_requirements
     from components.tokenize import SPECIALS, build_tokenizer
     from schemas.steps.tokenize import TokenizeSpec
 
@@ -66,7 +66,8 @@ def register_tiny_model(tmp: Path) -> str:
     experiment = mlflow.create_experiment("serve", artifact_location=(tmp / "artifacts").as_uri())
     with mlflow.start_run(experiment_id=experiment):
         mlflow.transformers.log_model({"model": model, "tokenizer": tok}, name="model", task="text-generation",
-                                      pip_requirements=pip_requirements(), registered_model_name="tiny")
+                                      pip_requirements=pip_requirements(), registered_model_name="tiny",
+                                      signature=generation_signature())
     MlflowClient(uri, uri).set_registered_model_alias("tiny", "champion", "1")
     return uri
 

@@ -42,7 +42,9 @@ def main() -> None:
         experiment = store.get_experiment_by_name("quickstart").experiment_id
         count = lambda: len(store.search_runs([experiment], max_results=50_000))  # noqa: E731
         runs_before, procs_before = count(), {p.pid for p in psutil.process_iter()}
-        steps = len([d for d in (Path(tmp) / "runs").iterdir() if d.is_dir() and not d.name.startswith(".")])
+        from schemas import load
+
+        steps = len(load(REPO / "specs" / "quickstart.yaml").spec.steps)
         seconds = [project.run("quickstart", *sets) for _ in range(runs)]
         leftover_tmp = [str(p) for p in (Path(tmp) / "runs").rglob(".tmp-*")]
         leftover_procs = [p.info["cmdline"] for p in psutil.process_iter(["cmdline"]) if p.pid not in procs_before

@@ -27,6 +27,22 @@ def pip_requirements() -> list[str]:
     return pins
 
 
+def generation_signature():
+    """Text in, text out, and the generation settings a request may pass as `params`. Without a params schema
+    MLflow's scoring server drops every param (with a warning in its log), so `max_new_tokens` would be
+    ignored and each request would generate up to the model's maximum length."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    return ModelSignature(inputs=Schema([ColSpec("string")]), outputs=Schema([ColSpec("string")]),
+                          params=ParamSchema([ParamSpec("max_new_tokens", "long", 32),
+                                              ParamSpec("do_sample", "boolean", False),
+                                              ParamSpec("temperature", "double", 1.0),
+                                              ParamSpec("top_k", "long", 50),
+                                              ParamSpec("top_p", "double", 1.0),
+                                              ParamSpec("num_beams", "long", 1)]))
+
+
 def log_transformers_model(ctx: StepContext, folder: Path, artifact_path: str = "model",
                            task: str = "text-generation", registered_name: str | None = None) -> str:
     """Log `folder` (model + tokenizer) under the step's run; return the model URI ('' without a run)."""
@@ -46,7 +62,9 @@ def log_transformers_model(ctx: StepContext, folder: Path, artifact_path: str = 
             with mlflow.start_run(run_id=ctx.run_id, nested=True):
                 info = mlflow.transformers.log_model({"model": model, "tokenizer": tokenizer}, name=artifact_path,
                                                      task=task, pip_requirements=pip_requirements(),
-                                                     registered_model_name=registered_name)
+                                                     registered_model_name=registered_name,
+                                                     signature=generation_signature() if task == "text-generation"
+                                                     else None)
         finally:
             # start_run's exit marks the run FINISHED; the engine ends the step's run, so keep it running.
             client.update_run(ctx.run_id, status="RUNNING")

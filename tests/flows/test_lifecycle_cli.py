@@ -97,7 +97,7 @@ def test_generate_from_a_step_of_a_spec(prefect_harness, tiny_lm, write_spec):
     assert code == 2 and "did you mean 'small'" in err  # a mistake on the command line
 
 
-def test_serve_answers_invocations_with_generated_text(registry, tmp_path):
+def test_serve_answers_invocations_with_generated_text(registry, tiny_lm, tmp_path):
     port = free_port()
     command = [sys.executable, "-m", "flows.cli", "serve", "models:/tiny-lm@champion", "--tracking-uri", registry,
                "--port", str(port)]
@@ -108,6 +108,9 @@ def test_serve_answers_invocations_with_generated_text(registry, tmp_path):
         answer = json.loads(urllib.request.urlopen(request, timeout=60).read())
         prediction = answer["predictions"][0]
         assert isinstance(prediction, str) and prediction.strip() and not prediction.startswith("The ")
+        from transformers import AutoTokenizer  # the model honours the request's max_new_tokens
+
+        assert len(AutoTokenizer.from_pretrained(tiny_lm)(prediction, add_special_tokens=False)["input_ids"]) <= 10  # 5 asked; not ~256
 
 
 def post(port: int, body: bytes, timeout: float = 60) -> tuple[int, dict]:
