@@ -17,6 +17,20 @@ BUILTIN_TASKS = ("copy", "reverse", "capitalize", "count", "larger", "add", "sen
 BuiltinTask = Literal[BUILTIN_TASKS]  # type: ignore[valid-type]
 
 
+def one_source(section: Section, sources: tuple[str, ...], builtin_only: frozenset[str] = frozenset(),
+               builtin: str = "") -> None:
+    """The checks every data section shares: exactly one of `sources` given, `eval_files` only beside `files`,
+    and the settings in `builtin_only` only with `builtin: <builtin>`."""
+    given = [k for k in sources if getattr(section, k) is not None]
+    if len(given) != 1:
+        raise ValueError(f"give exactly one of {', '.join(sources)} (got {', '.join(given) or 'none'})")
+    if getattr(section, "eval_files", None) is not None and section.files is None:
+        raise ValueError("eval_files goes with files")
+    stray = builtin_only & section.model_fields_set
+    if stray and section.builtin is None:
+        raise ValueError(f"{', '.join(sorted(stray))} apply to builtin: {builtin} only")
+
+
 class DatasetSource(Section):
     """A corpus read through the `datasets` library (a local folder works offline)."""
 
@@ -46,9 +60,7 @@ class CorpusSpec(Section):
 
     @model_validator(mode="after")
     def _exactly_one(self) -> "CorpusSpec":
-        given = [k for k in ("builtin", "files", "dataset") if getattr(self, k) is not None]
-        if len(given) != 1:
-            raise ValueError(f"give exactly one of builtin, files, dataset (got {', '.join(given) or 'none'})")
+        one_source(self, ("builtin", "files", "dataset"))
         return self
 
 
@@ -76,14 +88,7 @@ class SftDataSpec(Section):
 
     @model_validator(mode="after")
     def _exactly_one(self) -> "SftDataSpec":
-        given = [k for k in ("files", "builtin", "step") if getattr(self, k) is not None]
-        if len(given) != 1:
-            raise ValueError(f"give exactly one of files, builtin, step (got {', '.join(given) or 'none'})")
-        if self.eval_files is not None and self.files is None:
-            raise ValueError("eval_files goes with files")
-        builtin_only = {"tasks", "n_per_task", "eval_per_task"} & self.model_fields_set
-        if builtin_only and self.builtin is None:
-            raise ValueError(f"{', '.join(sorted(builtin_only))} apply to builtin: tasks only")
+        one_source(self, ("files", "builtin", "step"), frozenset({"tasks", "n_per_task", "eval_per_task"}), "tasks")
         return self
 
 
@@ -107,11 +112,7 @@ class PromptDataSpec(Section):
 
     @model_validator(mode="after")
     def _exactly_one(self) -> "PromptDataSpec":
-        given = [k for k in ("files", "builtin") if getattr(self, k) is not None]
-        if len(given) != 1:
-            raise ValueError(f"give exactly one of files, builtin (got {', '.join(given) or 'none'})")
-        if self.eval_files is not None and self.files is None:
-            raise ValueError("eval_files goes with files")
+        one_source(self, ("files", "builtin"))
         return self
 
 
@@ -137,12 +138,5 @@ class PreferenceDataSpec(Section):
 
     @model_validator(mode="after")
     def _exactly_one(self) -> "PreferenceDataSpec":
-        given = [k for k in ("files", "builtin", "step") if getattr(self, k) is not None]
-        if len(given) != 1:
-            raise ValueError(f"give exactly one of files, builtin, step (got {', '.join(given) or 'none'})")
-        if self.eval_files is not None and self.files is None:
-            raise ValueError("eval_files goes with files")
-        builtin_only = {"tasks", "n_per_task"} & self.model_fields_set
-        if builtin_only and self.builtin is None:
-            raise ValueError(f"{', '.join(sorted(builtin_only))} apply to builtin: preferences only")
+        one_source(self, ("files", "builtin", "step"), frozenset({"tasks", "n_per_task"}), "preferences")
         return self

@@ -7,6 +7,7 @@ from typing import Annotated, ClassVar, Literal
 from pydantic import Field, model_validator
 
 from ..base import CausalModelRef, Input, PromptFiles, Section, TrainingStepSpec
+from ..data import one_source
 from ..peft import PeftSpec
 
 
@@ -24,9 +25,7 @@ class PromptsSpec(Section):
 
     @model_validator(mode="after")
     def _exactly_one(self) -> "PromptsSpec":
-        given = [k for k in ("builtin", "files") if getattr(self, k) is not None]
-        if len(given) != 1:
-            raise ValueError(f"give exactly one of builtin, files (got {', '.join(given) or 'none'})")
+        one_source(self, ("builtin", "files"))
         return self
 
 
