@@ -15,7 +15,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from flows.integrity import RESULT_FILE, damage
+from flows.integrity import RESULT_FILE, damage, sha256
 from schemas import LoadedSpec, dependencies, step_order
 from schemas.base import StepSpec
 from schemas.resources import PLACEMENT_FIELDS, TrainerSpec
@@ -140,11 +140,7 @@ def file_digest(path: Path) -> str:
     st = path.stat()
     key = (str(path), st.st_size, st.st_mtime_ns)
     if key not in _HASHES:
-        h = hashlib.sha256()
-        with open(path, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-        _HASHES[key] = h.hexdigest()
+        _HASHES[key] = sha256(path)
     return _HASHES[key]
 
 

@@ -192,7 +192,8 @@ def wait_ready(upstream: tuple[str, int], child: subprocess.Popen, seconds: floa
     raise RuntimeError(f"the scoring server did not answer within {seconds:.0f} s")
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now."""
     import socket
 
     with socket.socket() as s:
@@ -202,7 +203,7 @@ def _free_port() -> int:
 
 def serve(model_folder: Path, host: str, port: int, limits: Limits, env: dict[str, str]) -> int:
     """Serve until SIGTERM/SIGINT, then stop the scoring server too. Returns the exit status."""
-    upstream = ("127.0.0.1", _free_port())
+    upstream = ("127.0.0.1", free_port())
     child = start_scoring_server(model_folder, upstream[1], env)
     server = None
     try:

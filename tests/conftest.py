@@ -14,6 +14,8 @@ os.environ.pop("MLFLOW_TRACKING_URI", None)  # tests track to their own temporar
 
 REPO = Path(__file__).resolve().parents[1]
 
+from flows.serve import free_port  # noqa: E402,F401 - a loopback port for the server tests
+
 
 @pytest.fixture(scope="session")
 def prefect_harness():
@@ -88,15 +90,6 @@ def tiny_lm(tokenized, tmp_path_factory) -> Path:
     LlamaForCausalLM(config).save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
-
-
-def free_port() -> int:
-    """A TCP port on loopback that nothing listens on right now."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager
