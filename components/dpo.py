@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from components.lib.context import StepContext, StepOutput
+from components.lib.context import StepContext, StepOutput, effort
 from components.lib.mlflow_models import log_outputs
 from components.lib.models import evaluating, load_model
 from components.lib.peft import apply_peft, save_outputs
@@ -179,4 +179,5 @@ def run(spec: DpoSpec, ctx: StepContext) -> StepOutput:
     print(f"{ctx.name}: held-out pairs where the policy prefers the chosen reply "
           f"{before['val/policy_prefers_chosen']:.1%} -> {after['val/policy_prefers_chosen']:.1%}; "
           f"reward accuracy {after['val/rewards/accuracy']:.1%}", flush=True)
-    return StepOutput(outputs=outputs, metrics=metrics, info={"beta": spec.beta, "peft": spec.peft.method})
+    return StepOutput(outputs=outputs, metrics=metrics, info={"beta": spec.beta, "peft": spec.peft.method,
+                                                              "effort": effort(examples=len(train), of="pairs")})

@@ -6,9 +6,9 @@ the forgetting perplexity). Trains with the loss on completion tokens only (as T
 completion-only loss). Writes: `adapter/` (peft methods; `PeftModel.from_pretrained(base, path)`),
 `model/` (merged standalone transformers folder with tokenizer), `metrics.json`, and logs the merged
 model, the per-example predictions and the base-vs-tuned scores to MLflow.
-Methods: LoRA (Hu et al. 2021), prompt tuning (Lester et al. 2021), IA3 (Liu et al. 2022), BitFit (Ben
-Zaken et al. 2022), magnitude pruning (Han et al. 2015); task mixtures against forgetting (FLAN, Wei et
-al. 2022).
+Methods: LoRA (Hu et al. 2021), on a 4-bit base with `peft.quantize_base` (QLoRA, Dettmers et al. 2023;
+CUDA only), prompt tuning (Lester et al. 2021), IA3 (Liu et al. 2022), BitFit (Ben Zaken et al. 2022),
+magnitude pruning (Han et al. 2015); task mixtures against forgetting (FLAN, Wei et al. 2022).
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ import lightning as L
 import torch
 
 from components.lib import evaluation, scoring
-from components.lib.context import StepContext, StepOutput
+from components.lib.context import StepContext, StepOutput, effort
 from components.lib.io import write_json_atomic
 from components.lib.mlflow_models import log_outputs
 from components.lib.models import context_length, load_model
-from components.lib.peft import save_outputs, sparsity_of
+from components.lib.peft import quantized_base_kwargs, save_outputs, sparsity_of
 from components.lib.sft import load_rows, replay_blocks, train_sft
 from components.lib.text import pad_token, prompt_completion
 from schemas.steps.finetune import FinetuneSpec
@@ -34,11 +34,13 @@ PERPLEXITY_BATCH = 16  # windows per batch of the forgetting perplexity (`evalua
 def run(spec: FinetuneSpec, ctx: StepContext) -> StepOutput:
     """Score the base model, fine-tune it on `spec.data`, save, score the result the same way."""
     L.seed_everything(ctx.seed, workers=True, verbose=False)
+    q = spec.peft.quantize_base  # QLoRA: checked first, as it fails on a machine without CUDA
+    base_kwargs = quantized_base_kwargs(q, ctx.trainer.accelerator) if q else {"dtype": torch.float32}
     data = spec.data
     train_rows, eval_rows = load_rows(data, ctx.seed, ctx.resolve_path,
                                       ctx.step(data.step).path("data") if data.step else None)
     source = ctx.model_source(spec.model)
-    model, tokenizer = load_model(source, dtype=torch.float32)
+    model, tokenizer = load_model(source, **base_kwargs)
     token_dir = ctx.step(spec.tokens).path("tokens") if spec.tokens else None
     tasks = (evaluation.builtin_tasks(ctx.seed, data.eval_per_task, data.tasks) if data.builtin else
              evaluation.tasks_from_rows(as_text(eval_rows, tokenizer), as_text(train_rows, tokenizer),
@@ -77,7 +79,8 @@ def run(spec: FinetuneSpec, ctx: StepContext) -> StepOutput:
     return StepOutput(outputs=outputs, metrics=metrics,
                       info={"base_model": source, "peft_method": spec.peft.method,
                             "trainable_params": result.metrics["params/trainable"],
-                            "total_params": result.metrics["params/total"]})
+                            "total_params": result.metrics["params/total"],
+                            "effort": effort(examples=len(train_rows) + len(extra), of="examples")})
 
 
 def as_text(rows: list[dict], tokenizer) -> list[dict]:

@@ -1,11 +1,13 @@
-"""`pretrain`: train a transformer on a tokenize step's token files with a causal or masked objective.
+"""`pretrain`: train a language model on a tokenize step's token files with a causal or masked objective.
 
 Reads: the tokenize step's `tokenizer` and `tokens` (or an existing model with `init_from`).
 Writes: `model/` (a transformers folder, safetensors, with the tokenizer), `loss_curve.png`,
 `curve.json`; logs train/loss, val/loss, val/perplexity, lr, tokens/s and FLOP/s to the step's run, and
 the model with MLflow's transformers flavor. Objectives: next-token prediction (Radford et al. 2018)
 or BERT's masked LM (Devlin et al. 2019: 15% of non-special tokens, 80% [MASK] / 10% random / 10% kept).
-Optional compute-optimal sizing follows Hoffmann et al. 2022 (schemas/sizing.py).
+Optional compute-optimal sizing follows Hoffmann et al. 2022 (schemas/sizing.py). Besides the transformers,
+`model.family` builds the causal models before them (components/lib/sequence_models.py): Bengio et al. 2003's
+fixed-window MLP, Elman's RNN (1990) and the LSTM (Hochreiter & Schmidhuber 1997).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from components.lib import models, scoring
-from components.lib.context import StepContext, StepOutput
+from components.lib.context import StepContext, StepOutput, effort
 from components.lib.text import pad_token
 from components.lib.tokens import TokenDataModule
 from components.lib.training import (configure_optimizer, count_parameters, fit, make_trainer, perf_metrics,
@@ -233,4 +235,6 @@ def run(spec: PretrainSpec, ctx: StepContext) -> StepOutput:
           f"after {done} steps ({tokens:,} tokens)", flush=True)
     return StepOutput(outputs={"model": "model", "tokenizer": "model"}, metrics=metrics,
                       info={"objective": spec.objective, "context": context, "model_uri": uri,
-                            "curve": curves["val/loss"]})
+                            "curve": curves["val/loss"],
+                            "effort": effort(examples=done * spec.batch_size * spec.accumulate * world,
+                                             of="sequences")})

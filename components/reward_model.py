@@ -4,6 +4,9 @@ Reads a model (usually the fine-tuned policy) and preference pairs; writes `mode
 `AutoModelForSequenceClassification.from_pretrained` loads (tokenizer included, plus
 `reward_stats.json` with the mean reward of reference responses, which `ppo` subtracts to centre its
 rewards). Metrics: held-out pairwise accuracy, mean margin, reward mean/std.
+
+With `data: {sheet: ...}` the data is a labelling sheet people filled in (components/lib/sheets.py):
+rankings and ratings become pairs, or ratings train pointwise with the squared error to (rating - 3) / 2.
 """
 
 from __future__ import annotations
@@ -16,10 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from components.lib.context import StepContext, StepOutput
+from components.lib.context import StepContext, StepOutput, effort
 from components.lib.io import write_json_atomic
 from components.lib.models import evaluating, save_pretrained
-from components.lib.preferences import collate_pairs, encode_pairs, load_preferences
+from components.lib.preferences import collate_pairs, collate_points, encode_pairs, encode_points, load_preferences
 from components.lib.rewards import STATS_FILE, load_reward_model, sequence_rewards
 from components.lib.training import configure_optimizer, count_parameters, fit, make_trainer, perf_metrics, total_steps
 from schemas.peft import PeftSpec
@@ -57,8 +60,13 @@ class RewardModule(L.LightningModule):
         return loss, r_c, r_r
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss, r_c, r_r = self._step(batch)
         self.tokens_in_batch = int(batch["attention_mask"].sum())
+        if "target" in batch:  # rated completions, pointwise (data.sheet.loss: mse)
+            rewards = sequence_rewards(self.model, batch["input_ids"], batch["attention_mask"])
+            loss = F.mse_loss(rewards, batch["target"].to(rewards.dtype))
+            self.log("train/loss", loss, prog_bar=True)
+            return loss
+        loss, r_c, r_r = self._step(batch)
         self.log_dict({"train/loss": loss, "train/accuracy": (r_c > r_r).float().mean()}, prog_bar=True)
         return loss
 
@@ -94,17 +102,19 @@ def run(spec: RewardModelSpec, ctx: StepContext) -> StepOutput:
     L.seed_everything(ctx.seed, workers=True, verbose=False)
     model, tokenizer = load_reward_model(ctx.model_source(spec.model), ctx.seed)
     data = spec.data
-    train_rows, eval_rows = load_preferences(data, ctx.seed, ctx.resolve_path,
-                                             ctx.step(data.step).path("data") if data.step else None, tokenizer)
-    train, held = encode_pairs(train_rows, tokenizer, data.max_length), encode_pairs(eval_rows, tokenizer, data.max_length)
+    train_rows, eval_rows, counts = load_data(spec, ctx, tokenizer)
+    pointwise = data.sheet is not None and data.sheet.pointwise()
+    train = (encode_points if pointwise else encode_pairs)(train_rows, tokenizer, data.max_length)
+    held = encode_pairs(eval_rows, tokenizer, data.max_length)
     collate = lambda rows: collate_pairs(rows, tokenizer.pad_token_id)  # noqa: E731
+    collate_train = (lambda rows: collate_points(rows, tokenizer.pad_token_id)) if pointwise else collate  # noqa: E731
     gen = torch.Generator().manual_seed(ctx.seed)
-    train_loader = DataLoader(train, batch_size=spec.batch_size, shuffle=True, generator=gen, collate_fn=collate)
+    train_loader = DataLoader(train, batch_size=spec.batch_size, shuffle=True, generator=gen, collate_fn=collate_train)
     eval_loader = DataLoader(held, batch_size=spec.batch_size, collate_fn=collate)
 
     model = _apply_peft(model, spec.peft)
     per_step = spec.batch_size * spec.accumulate
-    tokens_per_step = per_step * sum(len(r["chosen"][0]) + len(r["rejected"][0]) for r in train) // max(1, len(train))
+    tokens_per_step = per_step * sum(map(_tokens, train)) // max(1, len(train))
     steps = total_steps(spec.loop(), tokens_per_step) if spec.epochs is None and (spec.max_steps or spec.max_tokens) \
         else max(1, math.ceil((spec.epochs or 1.0) * len(train) / per_step))
     module = RewardModule(model, spec.optimizer.model_dump(), spec.schedule.model_dump(), steps, spec.margin,
@@ -119,13 +129,39 @@ def run(spec: RewardModelSpec, ctx: StepContext) -> StepOutput:
     metrics = {**after, **{f"before/{k}": v for k, v in before.items() if k.startswith("val/")},
                **{k: float(v) for k, v in trainer.callback_metrics.items() if k in ("train/loss", "train/accuracy")},
                "train/steps": trainer.global_step, "params/trainable": trainable, "params/total": total,
-               "data/train_pairs": len(train), "data/eval_pairs": len(held), **perf_metrics(trainer)}
+               "data/train_ratings" if pointwise else "data/train_pairs": len(train), "data/eval_pairs": len(held),
+               **counts, **perf_metrics(trainer)}
     folder = save_reward_model(model, tokenizer, ctx.out_dir / "model", metrics)
     _log(ctx, folder, eval_rows, model, eval_loader)
     print(f"{ctx.name}: held-out pairwise accuracy {before['val/accuracy']:.3f} -> {after['val/accuracy']:.3f}",
           flush=True)
     return StepOutput(outputs={"reward_model": "model", "tokenizer": "model"}, metrics=metrics,
-                      info={"reference_mean": metrics["reward/reference_mean"], "reward_std": metrics["reward/std"]})
+                      info={"reference_mean": metrics["reward/reference_mean"], "reward_std": metrics["reward/std"],
+                            "effort": effort(examples=len(train), of="ratings" if pointwise else "pairs")})
+
+
+def load_data(spec: RewardModelSpec, ctx: StepContext, tokenizer) -> tuple[list[dict], list[dict], dict]:
+    """(training rows, held-out pairs, the sheet's data/ counts): preference pairs, or a filled sheet's labels."""
+    data = spec.data
+    if data.sheet is None:
+        step_data = ctx.step(data.step).path("data") if data.step else None
+        return (*load_preferences(data, ctx.seed, ctx.resolve_path, step_data, tokenizer), {})
+    from components.lib.io import expand
+    from components.lib.sheets import load_sheet
+
+    sheet = data.sheet
+    key = ctx.resolve_path(sheet.key) if sheet.key_file() else ctx.step(sheet.key).path("key")
+    labels = load_sheet(expand(sheet.files, ctx.resolve_path, "data.sheet.files"), key, sheet.mode, ctx.seed,
+                        data.eval_fraction, sheet.ties, sheet.loss, sheet.min_gap)
+    if not labels.held:
+        raise ValueError("data.sheet: no held-out pairs (the held-out prompts' labels all tie); label more prompts "
+                         "or raise eval_fraction")
+    return labels.train, labels.held, labels.counts
+
+
+def _tokens(item: dict) -> int:
+    """Tokens of one training item: a pair's two sequences, or a rated completion."""
+    return len(item["ids"]) if "ids" in item else len(item["chosen"][0]) + len(item["rejected"][0])
 
 
 def _apply_peft(model, spec: PeftSpec):

@@ -9,13 +9,12 @@ Algorithms: byte-level BPE (Sennrich et al. 2016; GPT-2), Unigram (Kudo 2018), W
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
 
-from components.lib.context import StepContext, StepOutput
-from components.lib.corpus import iter_documents
+from components.lib.context import StepContext, StepOutput, effort
+from components.lib.corpus import is_validation, iter_documents
 from components.lib.io import write_json_atomic
 from components.lib.models import save_tokenizer
 from schemas.steps.tokenize import TokenizeSpec
@@ -24,12 +23,6 @@ from schemas.steps.tokenize import TokenizeSpec
 # start of a text is what the model saw there (components/lib/text.py: the convention).
 SPECIALS = {"eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>", "mask_token": "<mask>"}
 ENCODE_BATCH = 512  # documents per encode_batch call: enough for the Rust side to use every core
-
-
-def is_validation(index: int, seed: int, fraction: float) -> bool:
-    """Split by document with a seeded hash, so the split is stable and independent of corpus order."""
-    digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") / 2**64 < fraction
 
 
 def build_tokenizer(spec: TokenizeSpec):
@@ -136,4 +129,6 @@ def run(spec: TokenizeSpec, ctx: StepContext) -> StepOutput:
           f"({train['documents']} docs), val {val['tokens']:,} tokens ({val['documents']} docs); "
           f"{metrics['data/chars_per_token']:.2f} characters per token")
     return StepOutput(outputs={"tokenizer": "tokenizer", "tokens": "tokens"}, metrics=metrics,
-                      info={"dtype": meta["dtype"], "vocab_size": meta["vocab_size"]})
+                      info={"dtype": meta["dtype"], "vocab_size": meta["vocab_size"],
+                            "effort": effort(examples=train["documents"] + val["documents"], of="documents",
+                                             tokens=train["tokens"] + val["tokens"])})

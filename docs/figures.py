@@ -5,7 +5,7 @@ Every figure the README quotes about the shipped specs sits between `<!-- figure
 the code. The specs run as a user runs them (`llmcycle run`, embedded defaults) in a scratch project.
 
     .venv/bin/python docs/figures.py                        # all of them (about 15 minutes on 2 cores)
-    .venv/bin/python docs/figures.py --only quickstart      # one group: quickstart, monitor, constitutional, peft-zoo
+    .venv/bin/python docs/figures.py --only quickstart      # one group: quickstart, ledger, monitor, constitutional, peft-zoo
     .venv/bin/python docs/figures.py --only metrics         # the metric table (schemas/metrics.py), instantly
 """
 
@@ -26,7 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 README = REPO / "README.md"
-GROUPS = ("metrics", "quickstart", "monitor", "constitutional", "peft-zoo")
+GROUPS = ("metrics", "quickstart", "ledger", "monitor", "constitutional", "peft-zoo")
 
 
 class Project:
@@ -34,6 +34,7 @@ class Project:
 
     def __init__(self, root: Path):
         self.root = root
+        self.printed: dict[str, str] = {}  # spec -> what its last `llmcycle run` printed
         shutil.copytree(REPO / "specs", root / "specs")
 
     def run(self, spec: str, *sets: str, allow_failure: bool = False, flags: tuple[str, ...] = ()) -> float:
@@ -48,6 +49,7 @@ class Project:
         if out.returncode != 0 and not allow_failure:
             raise SystemExit(f"{' '.join(command)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
         seconds = time.perf_counter() - started
+        self.printed[spec] = out.stdout
         print(f"  {spec} {' '.join((*flags, *sets))}: {seconds:.0f} s", flush=True)
         return seconds
 
@@ -66,7 +68,7 @@ def metrics(p: Project) -> str:
 
 def quickstart(p: Project) -> str:
     seconds = p.run("quickstart")
-    tok, base, ev, sft = (p.metrics(s) for s in ("tokenizer", "base", "base_eval", "sft"))
+    tok, base, ev, sft, sft_ev = (p.metrics(s) for s in ("tokenizer", "base", "base_eval", "sft", "sft_eval"))
     rm, ppo, final, release = (p.metrics(s) for s in ("rm", "ppo", "final_eval", "release"))
     from schemas import load
 
@@ -81,19 +83,25 @@ def quickstart(p: Project) -> str:
         ("base", "pretrain", f"held-out perplexity **{base['before/val/perplexity']:,.0f} → {base['val/perplexity']:.1f}** in "
          f"{base['train/steps']:.0f} steps ({base['time/seconds']:.0f} s); perplexity along the way: {', '.join(curve)}"),
         ("base_eval", "evaluate", f"perplexity {ev['val/perplexity']:.1f} on {ev['val/tokens']:,.0f} held-out tokens; "
-         f"next-token top-1 {ev['val/next_token_top1']:.3f}, top-5 {ev['val/next_token_top5']:.3f}; decoding samples, "
+         f"next-token top-1 {ev['val/next_token_top1']:.3f}, top-5 {ev['val/next_token_top5']:.3f}; replies to "
+         f"{ev['references/rows']:.0f} held-out copy/reverse/capitalize prompts: {_refs(ev)}; decoding samples, "
          "nearest tokens, embedding map"),
         ("sft", "finetune", f"LoRA ({sft['params/trainable_fraction']:.1%} of the parameters) with "
          f"{spec.steps['sft'].replay:.0%} replay: held-out exact match **{sft['before/tasks/0shot/accuracy']:.2f} → "
          f"{sft['tasks/0shot/accuracy']:.2f}** zero-shot, {sft['tasks/3shot/accuracy']:.2f} three-shot ({tasks}); "
          f"pretraining perplexity {sft['before/pretrain/perplexity']:.1f} → {sft['pretrain/perplexity']:.1f}"),
+        ("sft_eval", "evaluate", f"the same references after SFT: {_refs(sft_ev, bold=ev)}; the SFT model as "
+         f"pairwise judge of its replies against the references: agreement {sft_ev['judge/agreement']:.2f}, "
+         f"position bias {sft_ev['judge/position_bias']:+.2f}, mean p(reply better) {sft_ev['judge/score']:.2f}"),
         ("rm", "reward_model", f"held-out pairwise accuracy **{rm['before/val/accuracy']:.2f} → {rm['val/accuracy']:.2f}**"),
         ("ppo", "ppo", f"{spec.steps['ppo'].iterations} iterations x {spec.steps['ppo'].rollouts} rollouts "
          f"({ppo['perf/train_seconds']:.0f} s): held-out true reward **{ppo['before/val/true_reward']:.2f} → "
          f"{ppo['val/true_reward']:.2f}** sampled, {ppo['before/val/true_reward_greedy']:.2f} → "
          f"{ppo['val/true_reward_greedy']:.2f} greedy; KL to the SFT policy {ppo['val/kl']:.2f}"),
         ("final_eval", "evaluate", f"the aligned model: perplexity {final['val/perplexity']:.1f}, zero-shot exact match "
-         f"{final['tasks/0shot/accuracy']:.2f}"),
+         f"{final['tasks/0shot/accuracy']:.2f}; lm-evaluation-harness: llmcycle_sentiment acc "
+         f"{final['lm_eval/llmcycle_sentiment/acc']:.2f}, llmcycle_polite acc {final['lm_eval/llmcycle_polite/acc']:.2f}, "
+         f"llmcycle_pydoc {final['lm_eval/llmcycle_pydoc/bits_per_byte']:.2f} bits per byte"),
         ("release", "register", f"gate {gate}: `quickstart-lm` v{release['registry/version']:.0f} is "
          f"`@{'champion' if release['gate/passed'] else 'candidate'}`"),
     ]
@@ -162,6 +170,24 @@ def _mlflow_metrics(p: Project, experiment: str, step: str) -> dict[str, float]:
     return run.data.metrics
 
 
+def ledger(p: Project) -> str:
+    """The quickstart's ledger as `llmcycle run` printed it (the quickstart runs first if this call has not run it)."""
+    if "quickstart" not in p.printed:
+        p.run("quickstart")
+    printed = p.printed["quickstart"]
+    start = printed.index("ledger: time and effort of this run")
+    block = printed[start:].split("\n", 1)[1]
+    block = block[:block.index("llmcycle run took")].rstrip()
+    return f"```\n{block}\n```"
+
+
+def _refs(m: dict, bold: dict | None = None) -> str:
+    """ROUGE-L, BLEU, chrF and exact match of an evaluate step's `references` (bold ROUGE-L: before -> after)."""
+    rouge = f"**{bold['references/rouge_l']:.2f} → {m['references/rouge_l']:.2f}**" if bold else f"{m['references/rouge_l']:.2f}"
+    return (f"ROUGE-L {rouge}, BLEU {m['references/bleu']:.1f}, chrF {m['references/chrf']:.1f}, "
+            f"exact match {m['references/exact_match']:.2f}")
+
+
 def _duration(seconds: float) -> str:
     return f"{int(seconds // 60)} min {int(seconds % 60)} s" if seconds >= 60 else f"{seconds:.0f} s"
 
@@ -181,7 +207,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", action="append", choices=GROUPS, help="rerun only these groups (repeatable)")
     args = parser.parse_args()
-    makers = {"metrics": metrics, "quickstart": quickstart, "monitor": monitor, "constitutional": constitutional, "peft-zoo": peft_zoo}
+    makers = {"metrics": metrics, "quickstart": quickstart, "ledger": ledger, "monitor": monitor, "constitutional": constitutional, "peft-zoo": peft_zoo}
     with tempfile.TemporaryDirectory(prefix="llmcycle-figures-") as tmp:
         project = Project(Path(tmp))
         text = README.read_text()

@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import time
 
 EXIT_SPEC = 2  # a spec (or command-line) mistake
 EXIT_FAILED = 1  # a step failed
@@ -107,6 +108,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     if args.in_process:
         check_in_process(plan)
+    started = time.perf_counter()
     try:
         results = run_pipeline(str(loaded.path), overrides=args.set, force=args.force, only=args.only,
                                in_process=args.in_process)
@@ -117,9 +119,12 @@ def cmd_run(args: argparse.Namespace) -> int:
             import traceback
 
             traceback.print_exception(err)
+        spent = _ledger_of(err)
+        if spent is not None:
+            _print_ledger(spent, time.perf_counter() - started)
         print(f"\nllmcycle: {format_failure(err)}", file=sys.stderr)
         return EXIT_FAILED
-    _print_summary(loaded, results)
+    _print_summary(loaded, results, time.perf_counter() - started)
     return 0
 
 
@@ -137,14 +142,36 @@ def cmd_step(args: argparse.Namespace) -> int:
     return 0 if ok else EXIT_FAILED
 
 
-def _print_summary(loaded, results: dict[str, dict]) -> None:
+def _print_summary(loaded, results: dict[str, dict], seconds: float) -> None:
+    from flows import ledger
     from flows.tracking import shown_uri
 
     print(f"\n{loaded.spec.name}: {len(results)} steps")
     for name, r in results.items():
         shown = ", ".join(f"{k}={v:.4g}" for k, v in list(r["metrics"].items())[:5])
         print(f"  {name:<14} {r['status']:<7} {shown}")
+    _print_ledger(ledger.build([ledger.Entry(n, r["kind"], r["status"], r["metrics"], r["info"])
+                                for n, r in results.items()]), seconds)
     print(f"MLflow: {shown_uri(loaded)}   browse: llmcycle ui {loaded.path}")
+
+
+def _print_ledger(spent: dict, seconds: float) -> None:
+    """The run's time and effort (flows/ledger.py; ledger.json and ledger.md on the pipeline's MLflow run), and
+    how long the command took."""
+    from flows import ledger
+
+    print("\nledger: time and effort of this run")
+    print(ledger.text({**spent, "pipeline_seconds": None}))
+    print(f"llmcycle run took {ledger.duration(seconds)} (Prefect's start included; steps in parallel overlap)")
+
+
+def _ledger_of(err: BaseException) -> dict | None:
+    """The ledger a failed pipeline run left in its PipelineFailed, if the failure is one."""
+    from flows.runner import PipelineFailed
+
+    while err is not None and not isinstance(err, PipelineFailed):
+        err = err.__cause__ or err.__context__
+    return getattr(err, "ledger", None)
 
 
 def cmd_metrics(args: argparse.Namespace) -> int:

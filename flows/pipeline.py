@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import traceback
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -19,7 +20,7 @@ from prefect.cache_policies import NO_CACHE  # noqa: E402
 
 import schemas  # noqa: E402
 from components.lib.context import StepResult  # noqa: E402
-from flows import launch, tracking  # noqa: E402
+from flows import launch, ledger, tracking  # noqa: E402
 from flows.plan import PlannedStep, make_plan  # noqa: E402
 from flows.runner import PipelineFailed, StepFailed, Stopper, StepStopped, execute_step  # noqa: E402
 from flows.scheduler import Scheduler, Start  # noqa: E402
@@ -77,33 +78,35 @@ def run_pipeline(spec_path: str, overrides: list[str] | None = None, force: list
     orphans = tracking.end_orphans(client, experiment, parent)
     if orphans:
         get_run_logger().info(f"marked {len(orphans)} MLflow run(s) that a killed run left RUNNING as KILLED")
-    stopper, results, errors = Stopper(), {}, {}
+    stopper, results, errors, timings, started = Stopper(), {}, {}, {}, time.perf_counter()
     try:
-        _run_all(scheduler, loaded, client, parent, uri, stopper, results, errors, in_process)
+        _run_all(scheduler, loaded, client, parent, uri, stopper, results, errors, in_process, timings)
     except BaseException as err:  # Ctrl-C, or Prefect's TerminationSignal for SIGTERM and cancellation
         stopper.stop(_why(err))
         client.set_terminated(parent, "KILLED")
-        _publish_summary(plan, scheduler, results, errors, uri, parent)
+        _publish_summary(plan, scheduler, results, errors, uri, client, parent, timings, time.perf_counter() - started)
         raise
     failed = {n: e for n, e in errors.items() if not isinstance(e, StepStopped)}
+    spent = _publish_summary(plan, scheduler, results, errors, uri, client, parent, timings,
+                             time.perf_counter() - started)
     client.set_terminated(parent, "KILLED" if stopper() else "FAILED" if failed else "FINISHED")
-    _publish_summary(plan, scheduler, results, errors, uri, parent)
     if errors:  # returned, not raised: Prefect logs a traceback for a raised exception; callers still get it
         from prefect.states import Failed
 
         paragraph = _failure_paragraph(errors, scheduler)
-        return Failed(message=paragraph, data=PipelineFailed(paragraph))
-    cached = {p.name for p in plan if p.cached and not p.forced}
-    return {n: {**r.to_json(), "dir": str(r.dir), "status": "cached" if n in cached else "ran"}
+        return Failed(message=paragraph, data=PipelineFailed(paragraph, ledger=spent))
+    return {n: {**r.to_json(), "dir": str(r.dir), "status": "cached" if r.reused else "ran"}
             for n, r in results.items()}
 
 
 def _run_all(scheduler: Scheduler, loaded, client, parent: str, uri: str, stopper: Stopper, results: dict,
-             errors: dict, in_process: bool) -> None:
-    """Start what is ready, wait for the first to end, repeat; after a stop, let the running steps stop."""
+             errors: dict, in_process: bool, timings: dict) -> None:
+    """Start what is ready, wait for the first to end, repeat; after a stop, let the running steps stop.
+    `timings` gets each ended step's seconds from start to end."""
     from concurrent.futures import FIRST_COMPLETED, wait
 
     running: dict = {}
+    begun: dict[str, float] = {}
     try:
         while not scheduler.finished:
             for start in ([] if stopper() else scheduler.start()):
@@ -112,6 +115,7 @@ def _run_all(scheduler: Scheduler, loaded, client, parent: str, uri: str, stoppe
                 future = run_step.with_options(task_run_name=f"{planned.kind}:{planned.name}").submit(
                     planned, loaded, upstream, client, parent, uri, start, stopper, in_process)
                 running[future] = planned.name
+                begun[planned.name] = time.perf_counter()
             if not running:
                 break
             done, _ = wait([f.wrapped_future for f in running], timeout=CANCEL_POLL_S, return_when=FIRST_COMPLETED)
@@ -121,6 +125,7 @@ def _run_all(scheduler: Scheduler, loaded, client, parent: str, uri: str, stoppe
             future = next(f for f in running if f.wrapped_future in done)
             name = running.pop(future)
             future.wait()
+            timings[name] = time.perf_counter() - begun[name]
             if future.state.is_completed():
                 results[name] = future.result()
             else:
@@ -178,25 +183,47 @@ def _failure_paragraph(errors: dict[str, Exception], scheduler: Scheduler) -> st
     return text + ("\n" if "\n" in text else " ") + trailer  # after a list of problems, on a line of its own
 
 
-def _publish_summary(plan: list[PlannedStep], scheduler: Scheduler, results: dict, errors: dict, uri: str,
-                     parent_run_id: str) -> None:
-    """Publish a table of the run's steps as a Prefect artifact (shown on the flow run's page)."""
+def _publish_summary(plan: list[PlannedStep], scheduler: Scheduler, results: dict, errors: dict, uri: str, client,
+                     parent_run_id: str, timings: dict[str, float], seconds: float) -> dict:
+    """Publish the run's ledger (flows/ledger.py) on its parent MLflow run, and a table of its steps with their
+    ledger figures as a Prefect artifact (shown on the flow run's page); return the ledger."""
     from prefect.artifacts import create_table_artifact
 
+    status = {p.name: _status(p, scheduler, results.get(p.name), errors.get(p.name)) for p in plan}
+    entries = [ledger.Entry(p.name, p.kind, status[p.name], results[p.name].metrics if p.name in results else {},
+                            results[p.name].info if p.name in results else {}, timings.get(p.name))
+               for p in plan if status[p.name] in ledger.STATUSES]
+    spent = ledger.build(entries, seconds)
+    figures = {r["step"]: ledger.cells(r) for r in spent["rows"]}
     rows = []
     for planned in plan:
-        result, error = results.get(planned.name), errors.get(planned.name)
-        status = ("not selected" if not planned.selected else "cached" if result and planned.cached and not planned.forced
-                  else "ran" if result else "stopped" if isinstance(error, StepStopped) else "failed" if error
-                  else "skipped" if planned.name in scheduler.skipped else "-")
+        result = results.get(planned.name)
         metrics = ", ".join(f"{k}={v:.4g}" for k, v in list((result.metrics if result else {}).items())[:6])
-        rows.append({"step": planned.name, "kind": planned.kind, "status": status,
-                     "cached": "yes" if status == "cached" else "no", "metrics": metrics,
+        rows.append({**figures.get(planned.name, dict.fromkeys(ledger.HEADERS, "")), "step": planned.name,
+                     "kind": planned.kind, "status": status[planned.name],
+                     "cached": "yes" if status[planned.name] == "cached" else "no", "metrics": metrics,
                      "mlflow": f"{uri} run {parent_run_id}"})
+    rows += [{**ledger.cells(t), "cached": "", "metrics": "", "mlflow": ""} for t in ledger.totals(spent)]
+    try:  # the summaries are a convenience; never fail a finished pipeline over them
+        tracking.log_ledger(client, parent_run_id, spent, ledger.markdown(spent))
+    except Exception as err:  # noqa: BLE001
+        get_run_logger().warning("could not log the ledger to MLflow: %s", err)
     try:
-        create_table_artifact(key="llmcycle-steps", table=rows, description="Steps of this pipeline run")
-    except Exception as err:  # the summary is a convenience; never fail a finished pipeline over it
+        create_table_artifact(key="llmcycle-steps", table=rows, description="Steps of this pipeline run, with "
+                              "their time and effort (flows/ledger.py)")
+    except Exception as err:  # noqa: BLE001
         get_run_logger().warning("could not publish the Prefect summary artifact: %s", err)
+    return spent
+
+
+def _status(planned: PlannedStep, scheduler: Scheduler, result: StepResult | None, error: Exception | None) -> str:
+    if not planned.selected:
+        return "not selected"
+    if result is not None:
+        return "cached" if result.reused else "ran"
+    if error is not None:
+        return "stopped" if isinstance(error, StepStopped) else "failed"
+    return "skipped" if planned.name in scheduler.skipped else "-"
 
 
 def format_failure(err: BaseException) -> str:

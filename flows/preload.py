@@ -10,6 +10,9 @@ import matplotlib
 
 matplotlib.use("Agg")  # steps draw into files; choose the backend before pyplot is imported anywhere
 
+from components.lib.quantize import import_torchao  # noqa: E402
+
+import_torchao()  # before peft imports it: without torchao's start-up warnings about kernels a CPU build lacks
 import lightning  # noqa: E402,F401
 import matplotlib.pyplot  # noqa: E402,F401
 import mlflow  # noqa: E402,F401

@@ -28,7 +28,11 @@ class StepStopped(RuntimeError):
 
 
 class PipelineFailed(RuntimeError):
-    """One or more steps failed; the message names every one of them."""
+    """One or more steps failed; the message names every one of them. `ledger`: the run's (flows/ledger.py)."""
+
+    def __init__(self, message: str, ledger: dict | None = None):
+        super().__init__(message)
+        self.ledger = ledger
 
 
 class Stopper:
@@ -136,6 +140,7 @@ def execute_step(planned: PlannedStep, loaded: schemas.LoadedSpec, upstream: dic
         run_id = tracking.start_step_run(loaded, client, parent_run_id, planned, cached=reuse)
         if reuse:
             result = StepResult.read(planned.output_dir)
+            result.reused = True  # planned as cached, or made a moment ago by another run of the spec
             tracking.finish_step_run(client, run_id, "ok", result.metrics)
             on_line(f"{planned.name}: complete output found in {planned.output_dir}, skipped")
             return result

@@ -104,6 +104,9 @@ def execute(request: StepRequest, own_process: bool = True) -> int:
     tmp = _work_dir(request, rank)
     started = time.perf_counter()
     try:
+        from components.lib import meter
+
+        meter.reset()  # a step in this process before (--in-process) or the fork server's state
         ctx, step_spec = _context(request, tmp, rank)
         from schemas.rows import check_data
 
@@ -204,6 +207,7 @@ def check_outputs(request: StepRequest, step_spec, output, folder: Path) -> None
 
 def _finalize(request: StepRequest, ctx, output, started: float) -> None:
     """result.json last inside the temporary folder, then one rename puts the output in place."""
+    from components.lib import meter
     from components.lib.context import StepResult, finite_metrics
     from components.lib.io import write_json_atomic
     from flows import integrity
@@ -211,9 +215,10 @@ def _finalize(request: StepRequest, ctx, output, started: float) -> None:
 
     metrics = finite_metrics(output.metrics)
     metrics.setdefault("time/seconds", round(time.perf_counter() - started, 3))
+    info = {**output.info, "effort": {**output.info.get("effort", {}), "models": meter.measured()}}  # flows/ledger.py
     final = Path(request.output_dir)
     result = StepResult(name=request.name, kind=request.kind, fingerprint=request.fingerprint, dir=final,
-                        outputs=output.outputs, metrics=metrics, info=output.info)
+                        outputs=output.outputs, metrics=metrics, info=info)
     write_json_atomic(ctx.out_dir / RESULT_FILE, integrity.seal(result.to_json(), ctx.out_dir))
     if final.exists():  # a forced re-run replaces the previous output
         old = final.with_name(final.name + f".old-{os.getpid()}")

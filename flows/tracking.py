@@ -182,6 +182,12 @@ def finish_step_run(client, run_id: str, status: str, metrics: dict[str, float] 
     client.set_terminated(run_id, STATUS[status])
 
 
+def log_ledger(client, run_id: str, ledger: dict, table: str) -> None:
+    """The run's ledger on the pipeline's parent run: `ledger.json` (the figures) and `ledger.md` (the table)."""
+    client.log_text(run_id, json.dumps(ledger, indent=2), "ledger.json")
+    client.log_text(run_id, table, "ledger.md")
+
+
 def flatten(data: Any, prefix: str = "") -> dict[str, str]:
     """Flatten nested settings into MLflow params: optimizer.lr -> "0.001"."""
     if isinstance(data, dict):

@@ -36,7 +36,7 @@ class Input:
     of its fingerprint, so editing one re-runs the step (`StepSpec.input_globs` finds every such field).
 
     `rows` names the files' row format, checked before the step trains (schemas/rows.py): `text` (.txt, or
-    .jsonl rows with the section's `text_field`), `sft`, `prompt`, `preference`, `task`; None: not checked
+    .jsonl rows with the section's `text_field`), `sft`, `prompt`, `preference`, `task`, `reference`; None: not checked
     row by row (a dataset name, a folder, a file with a schema of its own).
     """
 
@@ -50,6 +50,7 @@ SftFiles = Annotated[list[str], Input(rows="sft")]
 PromptFiles = Annotated[list[str], Input(rows="prompt")]
 PreferenceFiles = Annotated[list[str], Input(rows="preference")]
 TaskFile = Annotated[str, Input(rows="task")]
+ReferenceFiles = Annotated[list[str], Input(rows="reference")]
 StepName = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_-]*$")]
 TokenizerRef = Annotated[str, Ref("tokenizer", heldout=True)]  # with its token files, validation included
 ModelRef = Annotated[str, Ref("model", external=True),
@@ -77,7 +78,7 @@ class StepSpec(Section):
     run_on: RunOnSpec | None = None
     """Run this step on a Prefect work pool instead of beside the flow (the workdir must be shared)."""
 
-    def references(self) -> Iterator[tuple[tuple, str, Ref]]:
+    def step_references(self) -> Iterator[tuple[tuple, str, Ref]]:
         """Yield (field path, step name, Ref) for every reference to another step."""
         yield from _walk_refs(self, ())
 
@@ -92,6 +93,11 @@ class StepSpec(Section):
     def why_no(self, output: str) -> str:
         """Why the settings rule `output` out (for the error of a step that reads it), or ""."""
         return ""
+
+    def trainer_problems(self, trainer: TrainerSpec) -> list[tuple[tuple, str]]:
+        """(field path in the step, message) for settings the trainer it runs with rules out (a GPU-only
+        method on `accelerator: cpu`); `trainer` is the pipeline's merged with the step's own."""
+        return []
 
     def checks_rows(self, field: str) -> bool:
         """Whether a bad row of the input `field` (a dotted path) stops the step before it starts; False for

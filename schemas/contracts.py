@@ -10,6 +10,7 @@
   (schemas/metrics.py). (monitor's `validation_perplexity` names a tag of a registered version, which
   another pipeline may have written, so it is checked when the tag is read.)
 - A field that reads a tokenize step's held-out split names one that holds documents out.
+- A distill step's teacher and student were trained on its tokenize step's tokenizer, where the pipeline shows it.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def heldout_tokens(steps: dict[str, StepSpec], ref: str, seen: frozenset = froze
         return None
     if step.kind == "tokenize":
         return ref
-    if step.kind == "pretrain":
+    if step.kind in ("pretrain", "distill"):
         return step.tokenizer
     if getattr(step, "tokens", None):
         return step.tokens
@@ -83,6 +84,12 @@ def output_problem(doc: Document, where: tuple, target: str, steps: dict, ref, h
     if ref.causal and causal(steps, target) is False:
         return doc.problem(where, f"step '{target}' ({step.kind}) makes a masked LM; this field needs a causal LM")
     return None
+
+
+def tokenizer_problems(spec: Any, doc: Document) -> list[Problem]:
+    """Models a step compares token id by token id (distill's teacher and student) share its tokenizer."""
+    return [doc.problem(("steps", name) + path, message) for name, step in spec.steps.items()
+            if step.kind == "distill" for path, message in step.tokenizer_problems(spec.steps)]
 
 
 def gate_problems(spec: Any, doc: Document) -> list[Problem]:

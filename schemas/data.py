@@ -10,7 +10,8 @@ from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
-from .base import InputFile, InputFiles, PreferenceFiles, PromptFiles, Ref, Section, SftFiles, TextFiles
+from .base import (Input, InputFile, InputFiles, PreferenceFiles, PromptFiles, Ref, Section, SftFiles, TextFiles,
+                   is_external)
 
 # The builtin task mixture's tasks (components/lib/tasks.py; a test keeps the two lists equal).
 BUILTIN_TASKS = ("copy", "reverse", "capitalize", "count", "larger", "add", "sentiment", "polite")
@@ -139,4 +140,70 @@ class PreferenceDataSpec(Section):
     @model_validator(mode="after")
     def _exactly_one(self) -> "PreferenceDataSpec":
         one_source(self, ("files", "builtin", "step"), frozenset({"tasks", "n_per_task"}), "preferences")
+        return self
+
+
+SheetFiles = Annotated[list[str], Input(rows="sheet")]
+FILE_PREFIXES = ("./", "../", "/")
+
+
+class SheetSpec(Section):
+    """A labelling sheet a `collect` step wrote and people filled in (README, collect): rankings become the
+    k(k-1)/2 pairs of each prompt; ratings become pairs by their difference, or train pointwise (`loss: mse`).
+
+    Pairs only ever compare completions of one prompt labelled in one file, so a labeller's habits (one who
+    rates everything a point higher) cancel out. Held-out prompts (`eval_fraction` of them, whole prompts) give
+    the held-out pairs, ties left out.
+    """
+
+    files: SheetFiles
+    """Globs of filled sheets, .csv or .jsonl (relative to the spec): one file per labeller, each a copy of the
+    sheet (rows of prompts nobody labelled may stay blank or be deleted)."""
+    key: Annotated[str, Ref("key", external=True)]
+    """The collect step that wrote the sheet, or its key file `./key.jsonl`; the prompt and completion texts are
+    read from the key, so an edited text cell in the sheet changes nothing."""
+    mode: Literal["rank", "rate"]
+    """The sheet's mode (collect's `mode`): `rank` reads the `rank` column (1 = best), `rate` the `rating` one
+    (1-5)."""
+    ties: Literal["drop", "soft"] = "drop"
+    """Pairs of equal rank, or of ratings closer than min_gap: `drop` them (TRL and InstructGPT do), or `soft`:
+    train on them with p = 0.5, which pulls the two rewards together (needs soft_labels)."""
+    loss: Literal["pairs", "mse"] = "pairs"
+    """Ratings only. `pairs` (default): pairs of one prompt and one labeller by rating difference, trained with
+    the Bradley-Terry loss like rankings, so a labeller's offset cancels and ppo's reward scale means the same;
+    `mse`: the reward regresses (rating - 3) / 2, pointwise, which uses the levels across prompts but also
+    every labeller's offset and use of the scale."""
+    min_gap: int = Field(1, ge=1, le=4)
+    """Ratings as pairs: the smallest rating difference that makes a pair (a smaller one is a tie)."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "SheetSpec":
+        if is_external(self.key) and not self.key.startswith(FILE_PREFIXES):
+            raise ValueError(f"key: a collect step's name or a key file ./key.jsonl; got {self.key!r}")
+        stray = {"loss", "min_gap"} & self.model_fields_set
+        if self.mode == "rank" and stray:
+            raise ValueError(f"{' and '.join(sorted(stray))} {'apply' if len(stray) > 1 else 'applies'} to mode: rate "
+                             "only (rankings always become pairs)")
+        if self.mode == "rate" and self.loss == "mse" and "ties" in self.model_fields_set:
+            raise ValueError("ties applies to pairs; loss: mse trains on every rating as it is")
+        return self
+
+    def pointwise(self) -> bool:
+        """Whether training reads single rated completions rather than pairs."""
+        return self.mode == "rate" and self.loss == "mse"
+
+    def key_file(self) -> str | None:
+        """The key as a file path written in the spec, or None when it is a step."""
+        return self.key if self.key.startswith(FILE_PREFIXES) else None
+
+
+class RewardDataSpec(PreferenceDataSpec):
+    """Preference data for a reward model: exactly one of `files`, `builtin`, `step` or `sheet`."""
+
+    sheet: SheetSpec | None = None
+    """A filled labelling sheet of a `collect` step: rankings or ratings by people."""
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "RewardDataSpec":
+        one_source(self, ("files", "builtin", "step", "sheet"), frozenset({"tasks", "n_per_task"}), "preferences")
         return self

@@ -7,12 +7,15 @@ The names follow one scheme:
 - `before/<m>`: the same held-out measurement `<m>` on the model the step started from, and `gain/<m>` =
   `<m>` - `before/<m>` where that difference is the point (task accuracy);
 - `<split>/<m>`, `texts/<m>`, `tasks/<k>shot/<task>`: what `evaluate` measured;
-- groups for facts and speed: `data/`, `params/`, `perf/`, `time/`; kinds' own groups: `ppo/`, `reward/`,
-  `labels/`, `sl/`, `drift/`, `schema/`, `gate/`, `registry/`, `prune/`, `forgetting/`, and optimize's
-  variants `baseline/`, `pruned/`, `int8/`.
+- groups for facts and speed: `data/`, `params/`, `perf/`, `time/`; kinds' own groups: `collect/`, `ppo/`, `grpo/`,
+  `reward/`, `labels/`, `sl/`, `drift/`, `schema/`, `gate/`, `registry/`, `prune/`, `forgetting/`, optimize's
+  variants `baseline/`, `pruned/`, `bf16/`, `fp16/`, `int8/`, `int4/`, and distill's `teacher/<m>` and
+  `hard/<m>` (the same measurement of the teacher and of the hard-label twin).
 
 A name may hold placeholders filled from the step's settings: `{split}`, `{k}` (shots), `{task}`,
-`{variant}`; `*` stands for a part known only from the data (a task name in the rows of a JSONL file).
+`{variant}` (optimize's `baseline` and each `{derived}` variant made from it), `{source}` (grpo's reward
+sources); `*` stands for a part known
+only from the data (a task name in the rows of a JSONL file).
 """
 
 from __future__ import annotations
@@ -102,6 +105,12 @@ TRUE = lambda s, u: s.true_reward_function() is not None  # noqa: E731
 REFERENCE_PAIRS = lambda s, u: s.feedback is not None and s.feedback.use_reference_pairs and \
     (True if s.prompts.builtin else None)  # noqa: E731
 RM = lambda s, u: s.reward_model is not None  # noqa: E731
+SHEET = lambda s, u: s.data.sheet is not None  # noqa: E731
+POINTWISE = lambda s, u: s.data.sheet is not None and s.data.sheet.pointwise()  # noqa: E731
+BASELINE = lambda s, u: s.baseline  # noqa: E731
+ON_POLICY = lambda s, u: s.on_policy is not None  # noqa: E731
+# a data batch surely comes without on_policy; with it, the draws decide (none at all with lmbda 1)
+DATA_BATCHES = lambda s, u: True if s.on_policy is None else (None if s.on_policy.lmbda < 1 else False)  # noqa: E731
 
 PPO_VAL = [("score", "mean reward the policy is trained on", "", ALWAYS),
            ("model_score", "mean reward-model score, centred and scaled", "reward_model", RM),
@@ -112,6 +121,51 @@ PPO_VAL = [("score", "mean reward the policy is trained on", "", ALWAYS),
            ("model_score_greedy", "reward-model score of greedy replies", "reward_model", RM)]
 PPO_ITER = ["kl", "beta", "non_score_reward", "entropy", "clipfrac", "approx_kl", "ratio", "policy_loss",
             "value_loss", "value_clipfrac", "explained_variance", "response_length", "eos_fraction"]
+
+GRPO_RM = lambda s, u: any(r.reward_model is not None for r in s.rewards)  # noqa: E731
+GRPO_VAL = [(n, d, w, GRPO_RM if t is RM else t) for n, d, w, t in PPO_VAL]
+GRPO_ITER = [
+    ("kl", "mean summed KL to the reference per completion (kl.estimator)"),
+    ("entropy", "mean per-token entropy of the sampling distribution"),
+    ("clip_fraction", "share of active tokens whose ratio is clipped (low with A < 0 or high with A > 0), mean "
+     "over the updates"), ("clip_low_fraction", "the same, below 1 - clip.low"),
+    ("clip_high_fraction", "the same, above 1 + clip.high"), ("ratio", "mean importance ratio (1 on-policy)"),
+    ("approx_kl", "mean 0.5 (log pi - log pi_old)^2 over the updates"), ("policy_loss", "mean loss over the updates"),
+    ("zero_std_fraction", "share of groups whose rewards are all equal (no advantage)"),
+    ("reward_std", "mean within-group standard deviation of the reward"),
+    ("completion_length", "mean completion length in tokens, EOS included"),
+    ("truncated_fraction", "share of completions that hit max_new_tokens without an EOS")]
+
+# a CSV's labels decide the task when the spec leaves it out (None: known only from the data)
+FF_CLASSIFIES = lambda s, u: None if s.inferred_task() is None else s.inferred_task() == "classification"  # noqa: E731
+FF_REGRESSES = lambda s, u: None if s.inferred_task() is None else s.inferred_task() == "regression"  # noqa: E731
+HAS_REFS = lambda s, u: s.references is not None  # noqa: E731
+
+
+def _uses(metric: str):
+    return lambda s, u: s.references is not None and metric in s.references.metrics
+
+
+REFERENCES = [
+    *[_m(f"references/{n}", f"{d}, mean over rows (rouge-score)", "references, metrics has rouge", _uses("rouge"))
+      for n, d in (("rouge1", "ROUGE-1 F"), ("rouge2", "ROUGE-2 F"), ("rouge_l", "ROUGE-L F (longest common "
+                   "subsequence)"), ("rouge_lsum", "ROUGE-Lsum F (union LCS over lines)"))],
+    _m("references/bleu", "corpus BLEU, 0-100 (sacrebleu; its signature is the tag references.bleu)",
+       "references, metrics has bleu", _uses("bleu")),
+    _m("references/chrf", "corpus chrF, 0-100 (sacrebleu; signature in the tag references.chrf)",
+       "references, metrics has chrf", _uses("chrf")),
+    _m("references/exact_match", "share of replies whose first line equals a reference", "references, metrics "
+       "has exact_match", _uses("exact_match")),
+    _m("references/rows", "rows replied to and scored", "references", HAS_REFS)]
+HAS_JUDGE = lambda s, u: s.judge is not None  # noqa: E731
+JUDGE = [
+    _m("judge/score", "pairwise: mean p(reply better than the reference); pointwise: mean p(reply good)", "judge",
+       HAS_JUDGE),
+    _m("judge/agreement", "pointwise: share of verdicts matching exact match; pairwise: share of non-matching "
+       "replies where the judge prefers the reference", "judge (rows that allow it)",
+       lambda s, u: None if s.judge is not None else False),
+    _m("judge/position_bias", "mean p(first option) - 0.5 over every question asked", "judge", HAS_JUDGE),
+    _m("judge/questions", "questions the judge answered (x2 with swap_positions)", "judge", HAS_JUDGE)]
 
 METRICS: dict[str, list[Metric]] = {
     "tokenize": [
@@ -133,7 +187,9 @@ METRICS: dict[str, list[Metric]] = {
     "evaluate": [
         *_score("{split}", "tokens", lambda s, u: s.tokens is not None),
         *_score("texts", "texts", lambda s, u: bool(s.texts)),
-        *_tasks("", "tasks", lambda s, u: s.tasks is not None), TIME],
+        *_tasks("", "tasks", lambda s, u: s.tasks is not None), *REFERENCES, *JUDGE,
+        _m("lm_eval/*/*", "every figure the lm-evaluation-harness reports, per task (`acc`, `acc_norm`, "
+           "`word_perplexity`, ... and their `_stderr`)", "lm_eval", lambda s, u: s.lm_eval is not None), TIME],
     "finetune": [
         *PARAMS, _m("params/trainable_fraction", "params/trainable / params/total"), *_loop(), *PERF,
         _m("perf/train_seconds", "training wall time, in seconds"),
@@ -156,8 +212,22 @@ METRICS: dict[str, list[Metric]] = {
         _m("reward/std", "spread of the held-out rewards (ppo divides by it)"),
         _m("reward/reference_mean", "mean reward of the chosen replies (ppo subtracts it)"),
         _m("train/loss", "training loss at the last logged step"),
-        _m("train/accuracy", "training pair accuracy at the last logged step"), _m("train/steps", "optimizer steps"),
-        *PARAMS, _m("data/train_pairs", "training pairs"), _m("data/eval_pairs", "held-out pairs"), *PERF, TIME],
+        _m("train/accuracy", "training pair accuracy at the last logged step", "pairs (not data.sheet.loss mse)",
+           lambda s, u: not POINTWISE(s, u)), _m("train/steps", "optimizer steps"),
+        *PARAMS, _m("data/train_pairs", "training pairs", "pairs (not data.sheet.loss mse)",
+                    lambda s, u: not POINTWISE(s, u)),
+        _m("data/train_ratings", "rated completions trained on pointwise", "data.sheet.loss mse", POINTWISE),
+        _m("data/eval_pairs", "held-out pairs"),
+        *[_m(f"data/{n}", d, "data.sheet", SHEET) for n, d in (
+            ("sheet_rows", "labelled rows read from the filled sheets (every file)"),
+            ("sheet_prompts", "prompts labelled in at least one file"),
+            ("sheet_blank_prompts", "prompts of the key no file labels (skipped)"),
+            ("ties", "pairs of one prompt and file with equal ranks, or ratings closer than min_gap: dropped, or with "
+             "ties: soft trained on at p = 0.5 (held-out ties are always left out)"))], *PERF, TIME],
+    "collect": [
+        _m("collect/prompts", "prompts on the sheet"), _m("collect/completions", "completions on the sheet (its rows)"),
+        _m("collect/duplicates", "completions left out as equal to an earlier one of their prompt (distinct)"),
+        _m("collect/length", "mean completion length in tokens, EOS included"), TIME],
     "dpo": [
         _m("val/loss", "DPO loss on the held-out pairs after training"),
         _m("before/val/loss", "the same for the starting policy (ln 2 when it is the reference)"),
@@ -177,6 +247,17 @@ METRICS: dict[str, list[Metric]] = {
         _m("reward/true_reward", "last iteration: mean true reward", "a true reward", TRUE),
         *[_m(f"ppo/{n}", "last iteration's PPO diagnostic (README, ppo)") for n in PPO_ITER],
         _m("perf/train_seconds", "training wall time, in seconds"), _m("train/steps", "optimizer steps"), TIME],
+    "grpo": [
+        *[_m(f"val/{n}", f"held-out prompts, final policy: {d}", w, t) for n, d, w, t in GRPO_VAL],
+        *[_m(f"before/val/{n}", "the same for the starting policy", w, t) for n, _, w, t in GRPO_VAL],
+        _m("reward/mean", "last iteration: mean summed reward (sum of weight x source) of the completions"),
+        _m("reward/{source}", "last iteration: mean of one reward source, before its weight (rewards[].name, and "
+           "`overlong` with overlong.soft_punishment)"),
+        _m("reward/true_reward", "last iteration: mean true reward", "a true reward", TRUE),
+        *[_m(f"grpo/{n}", f"last iteration: {d}") for n, d in GRPO_ITER],
+        _m("grpo/skipped_groups", "groups dynamic sampling dropped, all iterations", "dynamic_sampling",
+           lambda s, u: s.dynamic_sampling),
+        _m("perf/train_seconds", "training wall time, in seconds"), _m("train/steps", "optimizer steps"), TIME],
     "constitutional": [
         *PARAMS, _m("params/trainable_fraction", "params/trainable / params/total"), *_loop(), *PERF,
         _m("sl/prompts", "prompts answered and revised"), _m("sl/rounds", "critique/revision rounds"),
@@ -191,14 +272,16 @@ METRICS: dict[str, list[Metric]] = {
     "register": [_m("gate/passed", "1 when every gate condition held, else 0"),
                  _m("registry/version", "the registered version number"), TIME],
     "optimize": [
-        _m("{variant}/size_mb", "size of the weight files on disk"),
+        _m("{variant}/size_mb", "size of the weight files on disk (int4's are bf16, quantized as they load)"),
+        _m("{variant}/memory_mb", "size of the loaded model's parameters and buffers in memory (quantized data "
+           "and scales)"),
         _m("{variant}/ms_per_token", "greedy generation latency per token (median)"),
         _m("{variant}/perplexity", "held-out perplexity (components/lib/scoring.py)", "measure.tokens",
            lambda s, u: s.measure.tokens is not None),
         _m("pruned/sparsity", "share of zeros in the pruned weights", "prune", lambda s, u: s.prune is not None),
-        *[_m(f"{v}/{n}", d, w, t) for v, w, t in (("pruned", "prune", lambda s, u: s.prune is not None),
-                                                   ("int8", "quantize int8", lambda s, u: s.quantize == "int8"))
-          for n, d in (("size_ratio", "size over the baseline's"), ("speedup", "baseline latency over this one"))],
+        *[_m(f"{{derived}}/{n}", d, "prune or quantize") for n, d in (
+            ("size_ratio", "size_mb over the baseline's"), ("memory_ratio", "memory_mb over the baseline's"),
+            ("speedup", "baseline latency over this one"))],
         TIME],
     "monitor": [
         _m("schema/rows", "JSONL rows checked"), _m("schema/errors", "rows that break the expected fields"),
@@ -210,6 +293,59 @@ METRICS: dict[str, list[Metric]] = {
         _m("drift/reference_perplexity", "its perplexity on the reference (or the version's own validation one)"),
         _m("drift/perplexity_ratio", "drift/perplexity / drift/reference_perplexity"),
         _m("drift/findings", "thresholds crossed"), TIME],
+    "compare": [TIME],  # its table repeats the compared steps' own metrics, under their names
+    "distill": [
+        _m("val/loss", "held-out loss per predicted token of the distilled student (lib/scoring.py windows)"),
+        _m("val/perplexity", "exp of val/loss"),
+        _m("before/val/loss", "val/loss of the student before training"),
+        _m("before/val/perplexity", "exp of before/val/loss"),
+        _m("teacher/val/loss", "the teacher's held-out loss on the same windows"),
+        _m("teacher/val/perplexity", "exp of teacher/val/loss"),
+        _m("hard/val/loss", "held-out loss of the hard-label twin (same start, data and steps; no teacher)",
+           "baseline", BASELINE),
+        _m("hard/val/perplexity", "exp of hard/val/loss", "baseline", BASELINE),
+        _m("hard/train/loss", "the twin's training cross-entropy at the last logged step", "baseline", BASELINE),
+        _m("train/loss", "distillation loss at the last logged step: alpha T^2 divergence + (1 - alpha) CE"),
+        _m("train/soft_loss", "its divergence per token, before the alpha T^2 weight"),
+        _m("train/hard_loss", "its cross-entropy on the data, at the last data batch", "on_policy.lmbda < 1",
+           DATA_BATCHES),
+        _m("train/on_policy_fraction", "share of micro-batches whose continuation the student sampled", "on_policy",
+           ON_POLICY),
+        _m("train/steps", "optimizer steps (each student)"),
+        _m("params/total", "parameters of the student"), _m("teacher/params/total", "parameters of the teacher"),
+        _m("params/ratio", "params/total / teacher/params/total"),
+        _m("perf/size_mb", "size of the student's weight files on disk"),
+        _m("teacher/perf/size_mb", "the same for the teacher (saved the same way)"),
+        _m("perf/size_ratio", "perf/size_mb / teacher/perf/size_mb"),
+        _m("perf/ms_per_token", "the student's greedy generation latency per token (median)"),
+        _m("teacher/perf/ms_per_token", "the same for the teacher"),
+        _m("perf/latency_ratio", "perf/ms_per_token / teacher/perf/ms_per_token (below 1: the student is faster)"),
+        _m("perf/tokens_per_s", "distillation training tokens per second (validation rounds excluded)"), TIME],
+    "feedforward": [
+        _m("val/loss", "held-out loss of the network kept: cross-entropy in nats (classification) or mean squared "
+           "error (regression)"),
+        _m("val/accuracy", "share of held-out examples whose most probable class is theirs", "classification",
+           FF_CLASSIFIES),
+        _m("val/mae", "mean absolute error on the held-out examples", "regression", FF_REGRESSES),
+        _m("before/val/loss", "val/loss of the untrained network"),
+        _m("before/val/accuracy", "val/accuracy of the untrained network", "classification", FF_CLASSIFIES),
+        _m("before/val/mae", "val/mae of the untrained network", "regression", FF_REGRESSES),
+        _m("val/best_loss", "lowest val/loss of any validation round (below val/loss: it overfitted later)"),
+        _m("val/best_epoch", "epoch (fractional between epoch ends) of the best round of early_stopping.metric, "
+           "or of val/loss without early stopping"),
+        _m("train/loss", "mean training loss over the steps since the last validation round"),
+        _m("train/accuracy", "share of training examples right over those steps", "classification", FF_CLASSIFIES),
+        _m("train/mae", "mean absolute error over those steps", "regression", FF_REGRESSES),
+        _m("train/steps", "gradient steps taken"), _m("train/samples", "training examples seen, repeats included"),
+        _m("train/epochs", "passes over the training examples (train/samples / data/train_rows)"),
+        _m("train/stopped_early", "1 when early stopping ended training before its budget, else 0",
+           "early_stopping", lambda s, u: s.early_stopping is not None),
+        _m("data/train_rows", "training examples (the coastline: samples streamed per pass)"),
+        _m("data/val_rows", "held-out examples"),
+        _m("data/dropped_rows", "rows left out for a missing value (penguins, csv; 0 for generated sets)"),
+        _m("data/features", "inputs of the network"),
+        _m("data/classes", "classes of the labels", "classification", FF_CLASSIFIES),
+        _m("params/total", "weights and biases of the network"), TIME],
 }
 
 
@@ -224,9 +360,11 @@ def placeholders(spec, up) -> dict[str, list[str]]:
         ev = spec.evaluation
         tasks = list(spec.data.tasks or BUILTIN_TASKS) if spec.data.builtin else ["*"]
         return {"k": [str(k) for k in dict.fromkeys((0, ev.shots))] if ev else [], "task": tasks}
+    if kind == "grpo":
+        return {"source": spec.reward_names()}
     if kind == "optimize":
-        return {"variant": ["baseline"] + (["pruned"] if spec.prune else []) +
-                           (["int8"] if spec.quantize == "int8" else [])}
+        derived = (["pruned"] if spec.prune else []) + list(spec.quantize)
+        return {"variant": ["baseline"] + derived, "derived": derived}
     return {}
 
 

@@ -9,7 +9,7 @@ from pydantic import Field, model_validator
 from .base import Section
 
 METHOD_FIELDS = {
-    "lora": {"r", "alpha", "dropout", "target_modules", "use_rslora", "use_dora"},
+    "lora": {"r", "alpha", "dropout", "target_modules", "use_rslora", "use_dora", "quantize_base"},
     "ia3": {"target_modules", "feedforward_modules"},
     "prompt_tuning": {"num_virtual_tokens", "init_text"},
     "prune": {"sparsity"},
@@ -49,6 +49,14 @@ class PeftSpec(Section):
     """Prompt tuning: initialize the virtual tokens from the embeddings of this text (default: random)."""
     sparsity: float = Field(0.5, gt=0, lt=1)
     """Prune: fraction of the decoder's linear weights set to zero (global magnitude pruning)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _quantize_base_where_known(cls, data):
+        if isinstance(data, dict) and "quantize_base" in data and "quantize_base" not in cls.model_fields:
+            raise ValueError("quantize_base (QLoRA's 4-bit base) is a finetune setting; this kind trains on a "
+                             "full-precision base, so remove it")
+        return data
 
     @model_validator(mode="after")
     def _fields_match_method(self) -> "PeftSpec":
@@ -100,3 +108,12 @@ class WritesTunedModel:
         if output == "adapter":
             return f"peft method {self.peft.method} trains the weights themselves, so there is no adapter"
         return ""
+
+
+class QuantizedBasePeftSpec(PeftSpec):
+    """`peft:` of a kind that can also hold its frozen base in 4 bits while LoRA trains (QLoRA)."""
+
+    quantize_base: Literal["nf4", "fp4"] | None = None
+    """LoRA: load the frozen base in 4 bits (QLoRA, Dettmers et al. 2023): bitsandbytes' `nf4` (NormalFloat) or
+    `fp4`, with double quantization and bf16 compute; the adapters train in full precision. Needs a CUDA GPU and
+    bitsandbytes. The merged `model` is the adapter merged into the full-precision base. Null: a float base."""

@@ -125,18 +125,20 @@ def _validate(doc: Document) -> tuple[PipelineSpec | None, list[Problem]]:
     implied = contracts.fill_implied(spec, doc)
     problems = _reference_problems(doc, spec.steps)
     if not problems:  # contracts read the DAG; a broken reference is reported first
-        problems += contracts.gate_problems(spec, doc)
+        problems += contracts.gate_problems(spec, doc) + contracts.tokenizer_problems(spec, doc)
     return spec, implied + problems + _resource_problems(doc, spec)
 
 
 def _resource_problems(doc: Document, spec: PipelineSpec) -> list[Problem]:
-    """Trainer settings valid alone but not once a step's own are merged over the pipeline's."""
+    """Trainer settings valid alone but not once a step's own are merged over the pipeline's, and step settings
+    that the merged trainer rules out."""
     problems = []
     for name, step in spec.steps.items():
         merged = resources_for(spec.trainer, step.trainer, type(step).trains)
         for path, message in resource_problems(step.trainer, merged, type(step).trains):
             where = ("trainer",) + path[1:] if path[0] == "pipeline" else ("steps", name, "trainer") + path
             problems.append(doc.problem(where, message))  # a pipeline-level problem is reported once
+        problems += [doc.problem(("steps", name) + path, message) for path, message in step.trainer_problems(merged)]
     return problems
 
 
@@ -158,7 +160,7 @@ def _reference_problems(doc: Document, steps: dict[str, StepSpec | None]) -> lis
     for name, step in steps.items():
         if step is None:
             continue
-        for path, target, ref in step.references():
+        for path, target, ref in step.step_references():
             where = ("steps", name) + tuple(path)
             if target not in steps:
                 problems.append(doc.problem(where, f"no step named '{target}'{did_you_mean(target, steps)}"
@@ -291,7 +293,7 @@ def step_order(spec: PipelineSpec) -> list[str]:
     def visit(name: str) -> None:
         if name in done:
             return
-        for _, target, _ in spec.steps[name].references():
+        for _, target, _ in spec.steps[name].step_references():
             visit(target)
         done.append(name)
 
@@ -302,5 +304,5 @@ def step_order(spec: PipelineSpec) -> list[str]:
 
 def dependencies(spec: PipelineSpec, name: str) -> list[str]:
     """Return the names of the steps that `name` reads from, directly."""
-    return list(dict.fromkeys(target for _, target, _ in spec.steps[name].references()))
+    return list(dict.fromkeys(target for _, target, _ in spec.steps[name].step_references()))
 

@@ -9,16 +9,21 @@ job can check a data drop without installing torch's half of llmcycle.
 Accepted as valid: a UTF-8 byte-order mark, CRLF line endings, blank lines. Refused: bytes that are not
 UTF-8, lines that are not JSON or not an object, missing or mistyped fields, unknown chat roles, scores
 outside [0, 1], empty files, globs that match nothing, lines over `MAX_LINE_BYTES`.
+
+Filled labelling sheets (`sheet` rows, written by `collect`) may also be .csv files with a header row; their
+line numbers are those where each record starts (a quoted cell may span lines).
 """
 
 from __future__ import annotations
 
+import csv
 import glob
+import io
 import json
 from pathlib import Path
 from typing import Callable, Iterator, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 MAX_PER_FILE = 20  # problems listed per file; the rest are counted
 MAX_LINE_BYTES = 8 * 1024 * 1024  # a longer line is a broken export, not a row
@@ -98,8 +103,64 @@ class TaskRow(_Row):
         return self
 
 
+class ReferenceRow(_Row):
+    """A prompt and the text(s) a good generation resembles: {prompt, reference: str | [str, ...]}."""
+
+    prompt: str
+    reference: Union[str, list[str]]
+
+    @model_validator(mode="after")
+    def _some_reference(self) -> "ReferenceRow":
+        if isinstance(self.reference, list) and not self.reference:
+            raise ValueError("reference is an empty list; give one string or a list of strings")
+        return self
+
+
+RATINGS = (1, 5)  # a rated sheet's scale: 1 = worst, 5 = best
+
+
+class SheetRow(_Row):
+    """A row of a filled labelling sheet (collect): {id, rank} (1 = best, equal ranks tie) or {id, rating} (1-5),
+    blank ("" or null) until labelled; the other columns (prompt, completion, label) are for the labeller."""
+
+    id: str
+    rank: int | None = Field(None, strict=False)  # a CSV cell is text: "2" is rank 2
+    rating: int | None = Field(None, strict=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _blank_is_none(cls, data):
+        if isinstance(data, dict):
+            data = {k: (v.strip() or None) if k in ("rank", "rating") and isinstance(v, str) else v
+                    for k, v in data.items()}
+        return data
+
+    @field_validator("rank")
+    @classmethod
+    def _rank_from_one(cls, value: int | None) -> int | None:
+        if value is not None and value < 1:
+            raise ValueError("ranks start at 1 (the best completion of its prompt)")
+        return value
+
+    @field_validator("rating")
+    @classmethod
+    def _rating_on_scale(cls, value: int | None) -> int | None:
+        if value is not None and not RATINGS[0] <= value <= RATINGS[1]:
+            raise ValueError(f"ratings go from {RATINGS[0]} (worst) to {RATINGS[1]} (best)")
+        return value
+
+    @model_validator(mode="after")
+    def _one_column(self) -> "SheetRow":
+        given = [c for c in ("rank", "rating") if c in self.model_fields_set]
+        if not given:
+            raise ValueError("a sheet row needs a rank or a rating column, as the sheet collect wrote")
+        if self.rank is not None and self.rating is not None:
+            raise ValueError("give a rank or a rating, not both")
+        return self
+
+
 ROW_MODELS: dict[str, type[BaseModel]] = {"sft": SftRow, "prompt": PromptRow, "preference": PreferenceRow,
-                                          "task": TaskRow}
+                                          "task": TaskRow, "reference": ReferenceRow, "sheet": SheetRow}
 
 
 def lines(path: Path) -> Iterator[tuple[int, str | None, str | None]]:
@@ -162,6 +223,72 @@ def jsonl_problems(path: Path, rows: str | None = None, text_field: str | None =
     return problems, count
 
 
+def csv_records(path: Path) -> Iterator[tuple[int, dict | None, str | None]]:
+    """(line, row, problem) per record of a CSV file with a header row: the row as {column: cell}, or why it is
+    unusable; `line` is where the record starts. A byte-order mark is dropped."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        yield data[:err.start].count(b"\n") + 1, None, (f"not UTF-8 (byte 0x{data[err.start]:02x}); re-save the file "
+                                                        "as CSV UTF-8")
+        return
+    reader = csv.reader(io.StringIO(text, newline="\n"))  # lines end at \n only, as editors count them
+    header, start = None, 1
+    try:
+        for cells in reader:
+            line, start = start, reader.line_num + 1
+            if not any(c.strip() for c in cells):
+                continue
+            if header is None:
+                header = [c.strip() for c in cells]
+                continue
+            if len(cells) != len(header):
+                yield line, None, f"{len(cells)} cells where the header has {len(header)} columns"
+                continue
+            yield line, dict(zip(header, cells)), None
+    except csv.Error as err:
+        yield start, None, f"not valid CSV ({err})"
+
+
+def sheet_rows(path: Path) -> tuple[list[dict], list[str]]:
+    """The rows of a filled sheet (.csv or .jsonl) as {id, rank and/or rating (the columns it has; None: blank),
+    _where}, and every problem (FILE:LINE)."""
+    rows, problems = [], []
+    for n, row, problem in csv_records(path) if path.suffix == ".csv" else _jsonl_records(path):
+        where = f"{path}:{n}"
+        if problem:
+            problems.append(f"{where}: {problem}")
+            continue
+        try:
+            parsed = SheetRow.model_validate(row)
+        except ValidationError as err:
+            problems += [f"{where}: {p}" for p in _pydantic_problems(err)]
+            continue
+        given = {c: getattr(parsed, c) for c in ("rank", "rating") if c in parsed.model_fields_set}
+        rows.append({"id": parsed.id, **given, "_where": where})
+    if not rows and not problems:
+        problems.append(f"{path}: the sheet has no rows")
+    return rows, problems
+
+
+def _jsonl_records(path: Path) -> Iterator[tuple[int, dict | None, str | None]]:
+    """(line, row, problem) per non-blank line of a JSONL file."""
+    for n, text, problem in lines(path):
+        if problem:
+            yield n, None, problem
+            continue
+        try:
+            row = json.loads(text)
+        except json.JSONDecodeError as err:
+            yield n, None, f"not valid JSON ({err.msg} at column {err.colno})"
+            continue
+        if not isinstance(row, dict):
+            yield n, None, f"expected a JSON object, got {type(row).__name__} {text[:40]!r}"
+            continue
+        yield n, row, None
+
+
 def text_problems(path: Path) -> tuple[list[str], int]:
     """(problems, non-blank lines) of a text file: UTF-8 throughout, lines of sane length."""
     problems, count = [], 0
@@ -180,8 +307,11 @@ def file_problems(path: Path, rows: str | None, text_field: str | None = None) -
         return _constitution_problems(path)
     if path.suffix == ".jsonl" and rows != "file":
         problems, count = jsonl_problems(path, rows, text_field)
+    elif path.suffix == ".csv" and rows == "sheet":
+        problems = sheet_rows(path)[1]  # an empty sheet is one of them
+        count = 1
     elif rows in ROW_MODELS:
-        return [f"{path}: expected a .jsonl file of {rows} rows"]
+        return [f"{path}: expected a .jsonl{' or .csv' if rows == 'sheet' else ''} file of {rows} rows"]
     else:
         problems, count = text_problems(path)
     if count == 0:

@@ -19,6 +19,8 @@ SHORTER = [
     "steps.rm.data.n_per_task=40", "steps.rm.epochs=1",
     "steps.ppo.iterations=3", "steps.ppo.rollouts=8", "steps.ppo.prompts.n_per_task=16",
     "steps.final_eval.tasks.n_per_task=2", "steps.final_eval.max_batches=2",
+    "steps.base_eval.references.n_per_task=4", "steps.sft_eval.references.n_per_task=4",
+    "steps.final_eval.lm_eval.limit=8",
 ]
 
 
@@ -49,6 +51,10 @@ def test_quickstart_runs_every_step_and_leaves_a_registered_model(tmp_path, monk
                                                    "reward_model", "ppo", "register"}
     base = results["base"]["metrics"]
     assert base["val/perplexity"] < base["before/val/perplexity"]
+    sft_eval, final = results["sft_eval"]["metrics"], results["final_eval"]["metrics"]
+    assert results["base_eval"]["metrics"]["references/rows"] == sft_eval["references/rows"] == 12
+    assert 0 <= sft_eval["references/rouge_l"] <= 1 and 0 < sft_eval["judge/score"] < 1
+    assert final["lm_eval/llmcycle_sentiment/acc"] >= 0 and final["lm_eval/llmcycle_pydoc/word_perplexity"] > 1
     ppo_dir = runs / "ppo" / results["ppo"]["fingerprint"][:12]
     AutoModelForCausalLM.from_pretrained(ppo_dir / results["ppo"]["outputs"]["model"])
     rm_dir = runs / "rm" / results["rm"]["fingerprint"][:12]

@@ -25,7 +25,7 @@ from components.lib.io import read_jsonl, read_jsonl_files, write_jsonl
 from components.lib.models import load_model
 from components.lib import tasks as T_tasks
 from components.constitutional import transcripts as T
-from components.lib.context import StepContext, StepOutput
+from components.lib.context import StepContext, StepOutput, effort
 from schemas.constitution import Constitution, Principle, load_constitution
 from schemas.errors import did_you_mean
 from schemas.steps.constitutional import ConstitutionalSpec
@@ -130,7 +130,8 @@ def run(spec: ConstitutionalSpec, ctx: StepContext) -> StepOutput:
     _report(ctx.name, metrics)
     outputs = {**sl_out.outputs, "data": "data"}
     return StepOutput(outputs=outputs, metrics=metrics,
-                      info={"principles": [p.name for p in principles], "rounds": spec.rounds})
+                      info={"principles": [p.name for p in principles], "rounds": spec.rounds,
+                            "effort": effort(examples=len(prompts), of="prompts", labels=len(pref_half))})
 
 
 def label_preference_half(spec: ConstitutionalSpec, ctx: StepContext, tokenizer, pref_half: list[dict],

@@ -2,10 +2,12 @@
 
 Reads: a model (a step's output, `./path`, `hf:ID` or `models:/name@alias`) with its tokenizer, and
 optionally a tokenize step's token files. Writes: `metrics.json`, `generations.jsonl`, `tasks.jsonl`,
-`neighbours.jsonl`, `embeddings.png`; logs the metrics, the generation/task/neighbour tables and the
-plot to the step's MLflow run. Metrics: perplexity and next-token top-1/top-5 accuracy (causal),
+`references.jsonl`, `lm_eval.json`, `neighbours.jsonl`, `embeddings.png`; logs the metrics, the tables and
+the plot to the step's MLflow run. Metrics: perplexity and next-token top-1/top-5 accuracy (causal),
 masked-token accuracy (masked, Devlin et al. 2019), prompted tasks zero/few-shot (Brown et al. 2020),
-decoding samples (greedy, sampling, top-k, nucleus: Holtzman et al. 2020, beam search).
+decoding samples (greedy, sampling, top-k, nucleus: Holtzman et al. 2020, beam search), replies against
+references (ROUGE, BLEU, chrF, exact match) and by a judge model (references.py), and the
+lm-evaluation-harness's tasks (harness.py).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from components.evaluate import embeddings
+from components.evaluate import embeddings, harness, references
 from components.evaluate.decoding import sample_strategies
 from components.lib import evaluation, models, scoring
 from components.lib.context import StepContext, StepOutput, finite_metrics
@@ -55,8 +57,11 @@ def run(spec: EvaluateSpec, ctx: StepContext) -> StepOutput:
             scores = scoring.score_documents(model, docs, start_token(tokenizer), pad_token(tokenizer), context,
                                              spec.batch_size)
         results.update({f"texts/{k}": v for k, v in scores.metrics(masked).items()})
-    if masked and (spec.tasks is not None or spec.generation is not None):
-        raise ValueError(f"{spec.model} is a masked LM: tasks and generation need a causal model")
+    causal_only = [k for k in ("tasks", "generation", "references", "lm_eval") if getattr(spec, k) is not None]
+    if masked and causal_only:
+        named = " and ".join([", ".join(causal_only[:-1]), causal_only[-1]] if len(causal_only) > 1 else causal_only)
+        raise ValueError(f"{spec.model} is a masked LM: {named} need{'s' if len(causal_only) == 1 else ''} "
+                         "a causal model")
     if spec.tasks is not None:
         task_metrics, rows = evaluation.score_tasks(model, tokenizer, load_tasks(spec.tasks, ctx), spec.tasks.shots,
                                                     spec.tasks.separator)
@@ -64,6 +69,14 @@ def run(spec: EvaluateSpec, ctx: StepContext) -> StepOutput:
         _table(ctx, rows, "tasks")
     if spec.generation is not None:
         _table(ctx, sample_strategies(model, tokenizer, spec.generation, ctx.seed), "generations")
+    if spec.references is not None:
+        results.update(_references(model, tokenizer, spec, ctx))
+    if spec.lm_eval is not None:
+        include = ctx.resolve_path(spec.lm_eval.include_path) if spec.lm_eval.include_path else None
+        figures, _ = harness.evaluate(model, tokenizer, spec.lm_eval, include, ctx.out_dir, ctx.seed,
+                                      models.context_length(model))
+        results.update(figures)
+        ctx.log_artifact(ctx.out_dir / "lm_eval.json")
     if spec.embeddings is not None:
         _embeddings(model, tokenizer, spec, ctx)
 
@@ -95,6 +108,21 @@ def load_tasks(spec: TasksSpec, ctx: StepContext) -> list[evaluation.Task]:
     if spec.builtin == "tasks":
         tasks += evaluation.builtin_tasks(ctx.seed, spec.n_per_task, spec.tasks)
     return tasks
+
+
+def _references(model, tokenizer, spec: EvaluateSpec, ctx: StepContext) -> dict[str, float]:
+    """Replies against references, then (optionally) by the judge; the table `references.json`."""
+    rows = references.load_rows(spec.references, ctx.seed, ctx.resolve_path)
+    metrics, settings, table = references.score_replies(model, tokenizer, spec.references, rows)
+    ctx.set_tags({f"references.{k}": v for k, v in settings.items()})
+    if spec.judge is not None:
+        # the judge reads text, so its own tokenizer encodes the questions (any judge works with any model)
+        judge_model, judge_tokenizer = (model, tokenizer) if spec.judge.model == spec.model else \
+            models.load_model(ctx.model_source(spec.judge.model), objective="causal")
+        metrics.update(references.judge_replies(judge_model, judge_tokenizer, spec.judge, table))
+        ctx.set_tags({"judge.model": spec.judge.model, "judge.mode": spec.judge.mode})
+    _table(ctx, table, "references")
+    return metrics
 
 
 def _table(ctx: StepContext, rows: list[dict], name: str) -> None:

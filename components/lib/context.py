@@ -24,7 +24,18 @@ class StepOutput:
 
     outputs: dict[str, str] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
-    info: dict[str, Any] = field(default_factory=dict)  # small JSON facts for downstream steps
+    info: dict[str, Any] = field(default_factory=dict)  # small JSON facts for downstream steps; `effort`: see effort()
+
+
+def effort(examples: int | None = None, of: str = "", labels: int | None = None,
+           tokens: int | None = None) -> dict[str, Any]:
+    """The `effort` entry of a StepOutput's info, for the run's ledger (flows/ledger.py): `examples` the step
+    trained on, counted once each (`of`: what they are: pairs, prompts, rollouts), `labels` preference labels
+    it produced, `tokens` it processed without a model (a tokenizer's output). What its models computed the
+    engine adds itself (components/lib/meter.py)."""
+    out = {"examples": examples, "examples_of": of if examples is not None else None, "labels": labels,
+           "tokens": tokens}
+    return {k: v for k, v in out.items() if v is not None}
 
 
 @dataclass
@@ -38,6 +49,7 @@ class StepResult:
     outputs: dict[str, str]
     metrics: dict[str, float]
     info: dict[str, Any] = field(default_factory=dict)
+    reused: bool = field(default=False, compare=False)  # this run found it complete (not in result.json)
 
     def path(self, key: str) -> Path:
         """Absolute path of output `key`; a clear error when the step has no such output."""

@@ -5,6 +5,7 @@ Streamed (a corpus is never held whole); used by `tokenize` and by `monitor` (fo
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -70,3 +71,7 @@ def jsonl_documents(path: Path, field: str) -> Iterator[str]:
         yield str(row[field])
 
 
+def is_validation(index: int, seed: int, fraction: float) -> bool:
+    """Split by document with a seeded hash, so the split is stable and independent of corpus order."""
+    digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64 < fraction

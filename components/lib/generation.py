@@ -117,8 +117,9 @@ class StopAtLineEnd:
 
 
 def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int = 24, batch_size: int = 64,
-                     reserve: int = 0) -> list[str]:
-    """Greedy one-line answers: each prompt's continuation up to its first newline or EOS.
+                     reserve: int = 0, one_line: bool = True) -> list[str]:
+    """Greedy one-line answers: each prompt's continuation up to its first newline or EOS (`one_line` False:
+    up to EOS).
 
     Prompts are grouped by token length so that no batch needs padding (left padding depends on each model's
     position handling, equal lengths do not). `reserve` leaves room for prompt-tuning's virtual tokens.
@@ -133,7 +134,7 @@ def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int =
     by_length: dict[int, list[int]] = defaultdict(list)
     for i, ids in enumerate(encoded):
         by_length[len(ids)].append(i)
-    stop = StoppingCriteriaList([StopAtLineEnd(tokenizer)])
+    stop = StoppingCriteriaList([StopAtLineEnd(tokenizer)] if one_line else [])
     device = next(model.parameters()).device
     answers = [""] * len(prompts)
     with evaluating(model):
@@ -146,5 +147,6 @@ def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int =
                                          max_new_tokens=max_new_tokens, do_sample=False, stopping_criteria=stop,
                                          pad_token_id=pad_token(tokenizer), eos_token_id=tokenizer.eos_token_id)
                     for i, row in zip(chunk, out[:, length:]):
-                        answers[i] = tokenizer.decode(row, skip_special_tokens=True).split("\n", 1)[0]
+                        text = tokenizer.decode(row, skip_special_tokens=True)
+                        answers[i] = text.split("\n", 1)[0] if one_line else text.strip()
     return answers

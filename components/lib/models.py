@@ -2,8 +2,11 @@
 
 A source is what `ctx.model_source(ref)` returns for every reference form (a step's output, `./path`,
 `/path`, `hf:ID`, `models:/name@alias`): a local folder or a hub id. `load_model` loads every kind of folder
-a step writes: a transformers model, a peft adapter (merged into its base), an int8 `quantized/` folder.
+a step writes: a transformers model, a peft adapter (merged into its base), optimize's bf16/fp16/int8/int4
+folders (components/lib/quantize.py).
 `save_pretrained` writes model and tokenizer so that every transformers version pyproject.toml admits loads them.
+Importing this module registers the mlp, rnn and lstm families with transformers' Auto classes
+(components/lib/sequence_models.py), so their folders load like any other, without trust_remote_code.
 """
 
 from __future__ import annotations
@@ -14,7 +17,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-CAUSAL_FAMILIES = ("llama", "gpt2")
+from components.lib import sequence_models  # noqa: F401 - registers mlp/rnn/lstm with transformers' Auto classes
+
+SEQUENCE_FAMILIES = ("mlp", "rnn", "lstm")  # causal LMs before transformers (components/lib/sequence_models.py)
+CAUSAL_FAMILIES = ("llama", "gpt2", *SEQUENCE_FAMILIES)
 MASKED_FAMILIES = ("bert", "roberta")
 # transformers 5 names the class of a tokenizers-backed tokenizer `TokenizersBackend`, which transformers 4
 # does not know; `PreTrainedTokenizerFast` loads the same files in both and gives the same ids.
@@ -64,14 +70,17 @@ def load_model(source: str | Path, objective: str = "causal", base: str | None =
     """(model, tokenizer) from any folder a step writes, or a hub id.
 
     `objective`: `causal`, `masked`, or `auto` (whichever the config describes). A peft adapter folder is
-    merged into its base (`base`, else the one its config names); an int8 `quantized/` folder is rebuilt
-    and loaded (components/lib/quantize.py). `kw` goes to `from_pretrained` (e.g. `dtype`).
+    merged into its base (`base`, else the one its config names); a torchao int8 folder loads through
+    transformers' TorchAoConfig (its config.json), an int4 one is quantized as it loads (its quantization.json;
+    components/lib/quantize.py). `kw` goes to `from_pretrained` (e.g. `dtype`).
     """
     from components.lib import quantize
+    from components.lib.meter import meter
 
     source = str(source)
-    if quantize.is_quantized(source):
-        return quantize.load_quantized(source)
+    recipe = quantize.saved_quantization(source)
+    if recipe is not None or _quant_method(source) == "torchao":
+        quantize.import_torchao()
     if is_adapter(source):
         from peft import PeftModel
 
@@ -92,7 +101,14 @@ def load_model(source: str | Path, objective: str = "causal", base: str | None =
                              "(a pickled pytorch_model.bin can run code when loaded): convert it with "
                              "`save_pretrained(..., safe_serialization=True)`") from None
         raise
-    return model, load_tokenizer(source)
+    return meter(quantize.apply_saved(model, recipe) if recipe else model), load_tokenizer(source)
+
+
+def _quant_method(source: str | Path) -> str | None:
+    """The `quant_method` of a local folder's `quantization_config` (torchao, bitsandbytes, ...), else None."""
+    config = Path(source) / "config.json"
+    data = json.loads(config.read_text()) if config.is_file() else {}
+    return (data.get("quantization_config") or {}).get("quant_method")
 
 
 TRUSTED_ENV = "LLMCYCLE_TRUST_REMOTE_CODE"  # JSON list of the sources the spec's `trust_remote_code:` names
@@ -141,7 +157,8 @@ def save_pretrained(model, tokenizer, folder: str | Path) -> Path:
 
 
 def build_config(model_spec, tokenizer):
-    """A transformers config for `model_spec` (family, layers, hidden, heads, intermediate, context, dropout)."""
+    """A transformers config for `model_spec` (family, layers, hidden, heads, intermediate, context, dropout; the
+    mlp's window and direct connections)."""
     from transformers import BertConfig, GPT2Config, LlamaConfig, RobertaConfig
 
     m = model_spec
@@ -149,6 +166,10 @@ def build_config(model_spec, tokenizer):
     ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
            "pad_token_id": tokenizer.pad_token_id}
     common = {"vocab_size": len(tokenizer), "tie_word_embeddings": m.tie_embeddings, **ids}
+    if m.family in SEQUENCE_FAMILIES:
+        extra = {"window": m.window, "direct_connections": m.direct_connections} if m.family == "mlp" else {}
+        return sequence_models.build_config(m.family, hidden_size=m.hidden, num_hidden_layers=m.layers,
+                                            dropout=m.dropout, max_position_embeddings=m.context, **extra, **common)
     if m.family == "llama":
         return LlamaConfig(hidden_size=m.hidden, intermediate_size=inter, num_hidden_layers=m.layers,
                            num_attention_heads=m.heads, num_key_value_heads=m.kv_heads or m.heads,
@@ -168,13 +189,15 @@ def build_model(model_spec, tokenizer, objective: str):
     """A freshly initialised causal or masked LM from the spec's `model:` section."""
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
+    from components.lib.meter import meter
+
     want = CAUSAL_FAMILIES if objective == "causal" else MASKED_FAMILIES
     if model_spec.family not in want:
         raise ValueError(f"model.family '{model_spec.family}' cannot train the {objective} objective; "
                          f"expected one of {', '.join(want)}")
     config = build_config(model_spec, tokenizer)
     auto = AutoModelForCausalLM if objective == "causal" else AutoModelForMaskedLM
-    return auto.from_config(config)
+    return meter(auto.from_config(config))
 
 
 def context_length(model, default: int = 128) -> int:

@@ -2,7 +2,8 @@
 
 LoRA (Hu et al. 2021; rsLoRA, Kalajdzievski 2023; DoRA, Liu et al. 2024), prompt tuning (Lester et al.
 2021) and IA3 (Liu et al. 2022) come from the `peft` library. BitFit (Ben Zaken et al. 2022) and
-magnitude pruning (Han et al. 2015) are a few lines of torch: peft has neither.
+magnitude pruning (Han et al. 2015) are a few lines of torch: peft has neither. QLoRA (Dettmers et al. 2023)
+is LoRA on a base that bitsandbytes holds in 4 bits (`quantized_base_kwargs`, on CUDA only).
 """
 
 from __future__ import annotations
@@ -20,9 +21,15 @@ FEEDFORWARD_NAMES = ("down_proj", "fc2", "c_proj", "w2", "wo", "dense_4h_to_h", 
 def apply_peft(model, spec: PeftSpec, tokenizer=None):
     """Return the model ready to train under `spec`: a PeftModel for adapter methods, else `model` itself
     with requires_grad set (and, for prune, weights masked to the target sparsity)."""
-    if spec.method in ("lora", "ia3", "prompt_tuning"):
-        from peft import get_peft_model
+    from components.lib.sequence_models import peft_problem
 
+    if (problem := peft_problem(model, spec.method, spec.target_modules)) is not None:
+        raise ValueError(problem)
+    if spec.method in ("lora", "ia3", "prompt_tuning"):
+        from peft import get_peft_model, prepare_model_for_kbit_training
+
+        if is_kbit(model):  # QLoRA: norms in float32, inputs that carry gradients, activation checkpointing
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
         return get_peft_model(model, peft_config(spec, tokenizer))
     for p in model.parameters():
         p.requires_grad_(spec.method != "bitfit")
@@ -61,9 +68,36 @@ def peft_config(spec: PeftSpec, tokenizer=None):
                               tokenizer_name_or_path=tokenizer.name_or_path)
 
 
+def quantized_base_kwargs(quant_type: str, accelerator: str) -> dict:
+    """`from_pretrained` arguments that load a base in 4 bits for QLoRA: bitsandbytes' `quant_type` (nf4 or fp4)
+    with double quantization (the scales quantized too) and bf16 compute, on this process's GPU."""
+    if accelerator in ("cpu", "mps") or not torch.cuda.is_available():
+        raise ValueError(f"peft.quantize_base: {quant_type} (QLoRA's 4-bit base, bitsandbytes) needs a CUDA GPU, "
+                         f"and this step has none (accelerator {accelerator}, torch.cuda.is_available() is "
+                         f"{torch.cuda.is_available()}): run it on a GPU machine, or remove quantize_base for "
+                         "plain LoRA")
+    try:
+        import bitsandbytes  # noqa: F401 - only on this path: it needs CUDA
+    except ImportError:
+        raise ImportError("peft.quantize_base needs bitsandbytes: pip install bitsandbytes") from None
+    import os
+
+    from transformers import BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_use_double_quant=True,
+                                bnb_4bit_compute_dtype=torch.bfloat16)
+    return {"quantization_config": config, "dtype": torch.bfloat16,
+            "device_map": {"": int(os.environ.get("LOCAL_RANK", 0))}}  # under torchrun, each rank its own GPU
+
+
+def is_kbit(model) -> bool:
+    """Whether bitsandbytes holds the model's weights in 4 or 8 bits (a QLoRA base)."""
+    return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
+
+
 def is_bitfit_param(name: str) -> bool:
-    """Biases and normalization weights: the parameters BitFit trains."""
-    return name.endswith(".bias") or "norm" in name.lower()
+    """Biases and normalization weights: the parameters BitFit trains (torch's RNN/LSTM name theirs bias_ih_l0...)."""
+    return name.rsplit(".", 1)[-1].startswith("bias") or "norm" in name.lower()
 
 
 def prunable_linears(model) -> list[torch.nn.Linear]:
@@ -111,8 +145,9 @@ def save_outputs(model, tokenizer, out_dir: Path, merge: bool) -> dict[str, str]
     """Save what training produced under out_dir and return StepOutput.outputs entries.
 
     Adapter methods: `adapter/` (loads with `PeftModel.from_pretrained(base, path)`), plus a merged
-    standalone `model/` when `merge` (built on a copy, so `model` keeps working). Other methods: `model/`.
-    Every folder gets the tokenizer.
+    standalone `model/` when `merge` (built on a copy, so `model` keeps working; on a 4-bit QLoRA base, the
+    adapter merged into the full-precision base it names). Other methods: `model/`. Every folder gets the
+    tokenizer.
     """
     from peft import PeftModel
 
@@ -128,7 +163,12 @@ def save_outputs(model, tokenizer, out_dir: Path, merge: bool) -> dict[str, str]
             raise ValueError("prompt tuning cannot be merged into a standalone model; set merge: false")
         import copy
 
-        standalone = copy.deepcopy(model).merge_and_unload()
+        if is_kbit(model.get_base_model()):  # merged into 4-bit weights it would lose what it learned
+            from components.lib.models import load_model
+
+            standalone = load_model(out_dir / "adapter", dtype=torch.float32)[0]
+        else:
+            standalone = copy.deepcopy(model).merge_and_unload()
     else:
         finalize_pruning(model)
         standalone = model

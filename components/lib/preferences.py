@@ -162,6 +162,29 @@ def encode_pairs(rows: list[dict], tokenizer, max_length: int) -> list[dict]:
     return out
 
 
+def encode_points(rows: list[dict], tokenizer, max_length: int) -> list[dict]:
+    """Per row {prompt, completion, target}: prompt+completion ids (cut as `encode_pairs` cuts) and the target
+    reward, for pointwise reward-model training on ratings."""
+    out = []
+    for row in rows:
+        prompt, reply = encode_completion(tokenizer, row["prompt"], row["completion"], max_length)
+        out.append({"ids": prompt + reply, "target": float(row["target"])})
+    return out
+
+
+def collate_points(items: list[dict], pad_id: int) -> dict:
+    """One right-padded batch of single sequences with their target rewards."""
+    import torch
+
+    width = max(len(it["ids"]) for it in items)
+    ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(items), width), dtype=torch.long)
+    for i, it in enumerate(items):
+        ids[i, :len(it["ids"])] = torch.tensor(it["ids"])
+        attn[i, :len(it["ids"])] = 1
+    return {"input_ids": ids, "attention_mask": attn, "target": torch.tensor([it["target"] for it in items])}
+
+
 def collate_pairs(items: list[dict], pad_id: int) -> dict:
     """One right-padded batch: the chosen rows first, then the rejected rows (one forward pass for both)."""
     import torch

@@ -4,7 +4,8 @@ Verifiable rewards are Python functions registered by name, for `ppo.reward: {fu
 
 A reward function takes `(prompt, completion, row)` and returns a float; `row` is the prompt's data
 row (builtin task rows carry `answer`, JSONL rows whatever the file holds). Register your own with
-`@reward("name")` in a module that `ppo.reward.module` imports.
+`@reward("name")` in a module that `ppo.reward.module` imports, or name one `module:function` (grpo's
+`rewards:`), which loads `module.py` from the spec's folder (`load_reward`).
 """
 
 from __future__ import annotations
@@ -40,6 +41,49 @@ def get_reward(name: str, module: str | None = None) -> RewardFn:
         raise KeyError(f"reward.function: no reward function named {name!r}{did_you_mean(name, REWARDS)}; "
                        f"registered: {', '.join(sorted(REWARDS))}")
     return REWARDS[name]
+
+
+def load_reward(ref: str, folder: Path | None = None, field: str = "rewards") -> RewardFn:
+    """A reward function: a registered name (`exact_match`), or `module:function` from `module.py` in `folder` (the
+    spec's folder; else an importable module). The second form imports and runs the user's own code, as TRL's
+    `reward_funcs` do; the function takes `(prompt, completion, row)` and returns a float (or None: not scored)."""
+    if ":" not in ref:
+        return get_reward(ref)
+    module_name, _, name = ref.partition(":")
+    module = _import_user_module(module_name, folder, field)
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        from schemas.errors import did_you_mean
+
+        found = [k for k, v in vars(module).items() if callable(v) and not k.startswith("_")]
+        raise ValueError(f"{field}: {module.__file__} has no function {name!r}{did_you_mean(name, found)}; "
+                         f"it defines: {', '.join(sorted(found)) or 'no functions'}")
+    return fn
+
+
+def _import_user_module(name: str, folder: Path | None, field: str):
+    """`folder/name.py` (dots are folders) loaded as a module, else `import name`."""
+    import importlib.util
+    import sys
+
+    path = Path(folder or ".") / (name.replace(".", "/") + ".py")
+    if path.is_file():
+        key = f"llmcycle_user_rewards.{name}"
+        if key not in sys.modules:
+            loaded = importlib.util.spec_from_file_location(key, path)
+            module = importlib.util.module_from_spec(loaded)
+            sys.modules[key] = module
+            try:
+                loaded.loader.exec_module(module)
+            except BaseException:
+                del sys.modules[key]
+                raise
+        return sys.modules[key]
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as err:
+        raise ValueError(f"{field}: no file {path} beside the spec and no importable module {name!r} "
+                         f"({err}); write {name.replace('.', '/')}.py next to the spec") from None
 
 
 @reward("exact_match")
@@ -107,6 +151,7 @@ def load_reward_model(source: str, seed: int = 0):
     from transformers.utils import logging as hf_logging
     from trl.trainer.utils import disable_dropout_in_model
 
+    from components.lib.meter import meter
     from components.lib.models import check_trusted
 
     check_trusted(source)
@@ -128,10 +173,41 @@ def load_reward_model(source: str, seed: int = 0):
             w = model.score.weight
             w.copy_(torch.randn(w.shape, generator=gen) / math.sqrt(w.shape[1] + 1))
     disable_dropout_in_model(model)
-    return model, tokenizer
+    return meter(model), tokenizer  # after the resize, which replaces the embeddings
 
 
 def read_reward_stats(folder: str | Path) -> dict:
     """The statistics a reward_model step saved beside its weights ({} for foreign folders)."""
     path = Path(folder) / STATS_FILE
     return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def load_frozen_reward_model(source: str, tokenizer, stats: dict | None = None, normalize: bool = True):
+    """(model, mean, scale) to score a policy's rollouts: the frozen reward model, the reference mean to subtract
+    and the held-out reward std to divide by (1 unless `normalize`), from `stats` (the reward_model step's info)
+    or the statistics saved beside the weights; the score used is (r - mean) / scale."""
+    from transformers import AutoModelForSequenceClassification
+    from trl.trainer.utils import disable_dropout_in_model
+
+    from components.lib.meter import meter
+    from components.lib.models import check_trusted
+
+    check_trusted(source)
+    rm = AutoModelForSequenceClassification.from_pretrained(source, use_safetensors=True).requires_grad_(False).eval()
+    disable_dropout_in_model(meter(rm))
+    if rm.config.vocab_size < len(tokenizer):
+        raise ValueError(f"reward_model: its vocabulary ({rm.config.vocab_size}) is smaller than the policy's "
+                         f"({len(tokenizer)}); train the reward model from the policy (reward_model.model)")
+    saved = stats or read_reward_stats(source)
+    mean = float(saved.get("reference_mean", 0.0))
+    scale = max(float(saved.get("reward_std", 1.0)), 1e-6) if normalize else 1.0
+    return rm, mean, scale
+
+
+def reward_model_source(ref: str, ctx) -> str:
+    """The folder of a reward model reference: a reward_model step's output, or an external model."""
+    from schemas.base import is_external
+
+    if not is_external(ref):
+        return str(ctx.step(ref).path("reward_model"))
+    return ctx.model_source(ref)

@@ -15,84 +15,35 @@ import time
 import lightning as L
 import torch
 
-from components.lib.context import StepContext, StepOutput
-from components.lib.io import read_jsonl_files, split_rows
-from components.lib.models import evaluating, load_model
-from components.lib.preferences import prompt_row
+from components.lib.context import StepContext, StepOutput, effort
+from components.lib.policy import held_out, load_policy
 from components.lib.training import fit, make_trainer, world_size
 from schemas.base import TrainingLoop
 from schemas.steps.ppo import PPOSpec
 
-SAMPLE_BATCH = 64  # held-out prompts generated per batch
-
 
 def load_prompts(spec: PPOSpec, ctx: StepContext, tokenizer=None) -> tuple[list[dict], list[dict]]:
     """(train, held-out) prompt rows; builtin rows carry the task's answer for verifiable rewards."""
-    data = spec.prompts
-    if data.builtin == "tasks":
-        from components.lib.tasks import make_examples
+    from components.lib.policy import load_prompts as load_prompt_rows
 
-        rows = make_examples(ctx.seed, "train", data.n_per_task, data.tasks)
-        held = make_examples(ctx.seed, "eval", max(4, data.n_per_task // 4), data.tasks)
-        return _fill(rows, spec.rollouts * world_size()), held
-    rows = read_jsonl_files(data.files, ctx.resolve_path, "prompts.files")
-    held = read_jsonl_files(data.eval_files or [], ctx.resolve_path, "prompts.eval_files")
-    if not held:
-        rows, held = split_rows(rows, data.eval_fraction, ctx.seed)
-    rows, held = [prompt_row(r, tokenizer) for r in rows], [prompt_row(r, tokenizer) for r in held]
-    return _fill(rows, spec.rollouts * world_size()), held
-
-
-def _fill(rows: list[dict], batch: int) -> list[dict]:
-    """Repeat a short prompt list so that it fills at least one rollout batch on every rank."""
-    return rows * -(-batch // len(rows)) if 0 < len(rows) < batch else rows
-
-
-def load_policy(source: str):
-    """(policy, tokenizer) with dropout off (masks, not pad ids, decide what counts in PPO)."""
-    from trl.trainer.utils import disable_dropout_in_model
-
-    policy, tokenizer = load_model(source)
-    disable_dropout_in_model(policy)
-    return policy, tokenizer
+    return load_prompt_rows(spec.prompts, spec.rollouts * world_size(), ctx, tokenizer)
 
 
 def load_scorer(spec: PPOSpec, ctx: StepContext, tokenizer, rows: list[dict]):
     """(Scorer, reward model or None): reward model (frozen, centred) and verifiable reward functions."""
-    from transformers import AutoModelForSequenceClassification
-    from trl.trainer.utils import disable_dropout_in_model
-
-    from components.lib.rewards import get_reward, read_reward_stats
-    from components.lib.models import check_trusted
+    from components.lib.rewards import get_reward, load_frozen_reward_model, reward_model_source
     from components.ppo.module import Scorer
 
     rm, mean, scale = None, 0.0, 1.0
     if spec.reward_model is not None:
-        source = _reward_model_source(spec.reward_model, ctx)
-        check_trusted(source)
-        rm = AutoModelForSequenceClassification.from_pretrained(source, use_safetensors=True).requires_grad_(False).eval()
-        disable_dropout_in_model(rm)
-        if rm.config.vocab_size < len(tokenizer):
-            raise ValueError(f"reward_model: its vocabulary ({rm.config.vocab_size}) is smaller than the policy's "
-                             f"({len(tokenizer)}); train the reward model from the policy (reward_model.model)")
         stats = ctx.step(spec.reward_model).info if spec.reward_model in ctx.upstream else {}
-        saved = stats or read_reward_stats(source)
-        mean = float(saved.get("reference_mean", 0.0))
-        if spec.normalize_reward:
-            scale = max(float(saved.get("reward_std", 1.0)), 1e-6)
+        rm, mean, scale = load_frozen_reward_model(reward_model_source(spec.reward_model, ctx), tokenizer, stats,
+                                                   spec.normalize_reward)
     fn = get_reward(spec.reward.function, spec.reward.module) if spec.reward else None
     true_name = spec.true_reward_function()
     true_fn = get_reward(true_name, spec.reward.module if spec.reward else None) if true_name else None
     weight = spec.reward.weight if spec.reward else 1.0
     return Scorer(rm, mean, fn, weight, true_fn, tokenizer, reward_scale=scale), rm
-
-
-def _reward_model_source(ref: str, ctx: StepContext) -> str:
-    from schemas.base import is_external
-
-    if not is_external(ref):
-        return str(ctx.step(ref).path("reward_model"))
-    return ctx.model_source(ref)
 
 
 def build_module(spec: PPOSpec, ctx: StepContext, policy, tokenizer, scorer, rm):
@@ -126,33 +77,6 @@ def build_module(spec: PPOSpec, ctx: StepContext, policy, tokenizer, scorer, rm)
         whiten_rewards=spec.whiten_rewards, missing_eos_penalty=spec.missing_eos_penalty, seed=ctx.seed)
 
 
-@torch.no_grad()
-def evaluate_policy(module, rows: list[dict], seed: int, greedy: bool = False) -> tuple[dict, list[str]]:
-    """Mean score, model score, true reward and KL on held-out prompts; also the completions."""
-    sums: dict[str, float] = {}
-    texts: list[str] = []
-    with evaluating(module), torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for i in range(0, len(rows), SAMPLE_BATCH):
-            part = rows[i:i + SAMPLE_BATCH]
-            roll, extras = module.rollout(part, greedy=greedy)
-            values = {"score": roll.scores, "kl": extras["kl"].sum(1), "length": roll.valid.sum(1).float()}
-            values.update({k: extras[k] for k in ("model_score", "true_reward") if k in extras})
-            for k, v in values.items():
-                sums[k] = sums.get(k, 0.0) + float(v.sum())
-            texts += module.tokenizer.batch_decode(roll.responses, skip_special_tokens=True)
-    return {k: v / len(rows) for k, v in sums.items()}, texts
-
-
-def _held_out(module, rows: list[dict], seed: int) -> tuple[dict[str, float], list[str]]:
-    """`val/*` on the held-out prompts: sampled score, model score, true reward, KL, length; greedy too."""
-    sampled, texts = evaluate_policy(module, rows, seed)
-    greedy, _ = evaluate_policy(module, rows, seed, greedy=True)
-    metrics = {f"val/{k}": v for k, v in sampled.items()}
-    metrics.update({f"val/{k}_greedy": v for k, v in greedy.items() if k in ("true_reward", "model_score")})
-    return metrics, texts
-
-
 def run(spec: PPOSpec, ctx: StepContext) -> StepOutput:
     """Load policy, reward and prompts; train PPO iterations with Lightning; compare held-out; save and log."""
     from torch.utils.data import DataLoader
@@ -165,7 +89,7 @@ def run(spec: PPOSpec, ctx: StepContext) -> StepOutput:
     scorer, rm = load_scorer(spec, ctx, tokenizer, eval_rows)
     module = build_module(spec, ctx, policy, tokenizer, scorer, rm)
 
-    before, initial_texts = _held_out(module, eval_rows, ctx.seed)
+    before, initial_texts = held_out(module, eval_rows, ctx.seed)
     gen = torch.Generator().manual_seed(ctx.seed)
     loader = DataLoader(train_rows, batch_size=spec.rollouts, shuffle=True, generator=gen, drop_last=True,
                         collate_fn=list)
@@ -177,7 +101,7 @@ def run(spec: PPOSpec, ctx: StepContext) -> StepOutput:
     start = time.perf_counter()
     fit(trainer, module, ctx=ctx, train_dataloaders=loader)
     seconds = time.perf_counter() - start
-    after, final_texts = _held_out(module, eval_rows, ctx.seed)
+    after, final_texts = held_out(module, eval_rows, ctx.seed)
     ctx.log_metrics(after, step=trainer.global_step)
 
     metrics = {**after, **{f"before/{k}": v for k, v in before.items()}, **module.history[-1],
@@ -185,4 +109,6 @@ def run(spec: PPOSpec, ctx: StepContext) -> StepOutput:
     outputs = save_policy(module, tokenizer, ctx, spec)
     log_results(ctx, spec, module, eval_rows, initial_texts, final_texts, outputs)
     return StepOutput(outputs=outputs, metrics=metrics,
-                      info={"iterations": len(module.history), "true_reward": after.get("val/true_reward")})
+                      info={"iterations": len(module.history), "true_reward": after.get("val/true_reward"),
+                            "effort": effort(examples=len(module.history) * spec.rollouts * world_size(),
+                                             of="rollouts")})

@@ -1,7 +1,8 @@
 """The PPO arithmetic for language models, as pure tensor functions (ALGORITHMS.md §1).
 
 Written by hand because TRL dropped its PPO trainer (the experimental copy is not a stable API) and
-these few formulas are what the correctness tests pin down: KL estimators, per-token rewards, GAE,
+these few formulas are what the correctness tests pin down: KL estimators and masked means (from
+components/lib/rollout.py, shared with grpo), per-token rewards, GAE,
 masked whitening, the clipped policy and value losses, the adaptive KL controller.
 Shapes: `(batch, response_len)` for per-token tensors, `(batch,)` for per-sequence ones.
 """
@@ -10,15 +11,7 @@ from __future__ import annotations
 
 import torch
 
-INVALID_LOGPROB = 1.0  # filler for log-probs past the end: equal on both sides, so the KL there is 0
-
-
-def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
-    """Mean of `x` over the positions where `mask` is true."""
-    mask = mask.to(x.dtype)
-    if dim is None:
-        return (x * mask).sum() / mask.sum().clamp(min=1)
-    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+from components.lib.rollout import INVALID_LOGPROB, first_eos_mask, kl_per_token, masked_mean  # noqa: F401
 
 
 def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
@@ -36,29 +29,6 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) 
     if not shift_mean:
         out = out + mean
     return out * mask.to(x.dtype)
-
-
-def kl_per_token(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
-    """Per-token KL(π‖π_ref) estimate from sampled tokens: k1 = log π − log π_ref, k3 = (e^r − 1) − r."""
-    logr = ref_logp - logp
-    if estimator == "k1":
-        return -logr
-    if estimator == "k3":
-        return torch.expm1(logr) - logr
-    raise ValueError(f"kl estimator must be 'k1' or 'k3', got {estimator!r}")
-
-
-def first_eos_mask(responses: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(valid, seq_end, has_eos): tokens up to and including the first EOS, its index, whether one exists.
-
-    Without an EOS the whole window is valid and `seq_end` is its last index.
-    """
-    is_eos = responses == eos_id
-    has_eos = is_eos.any(1)
-    width = responses.shape[1]
-    first = torch.where(has_eos, is_eos.int().argmax(1), torch.full_like(has_eos, width - 1, dtype=torch.long))
-    valid = torch.arange(width, device=responses.device)[None, :] <= first[:, None]
-    return valid, first, has_eos
 
 
 def truncate_after_eos(responses: torch.Tensor, eos_id: int, pad_id: int) -> torch.Tensor:

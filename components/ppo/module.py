@@ -12,7 +12,8 @@ import lightning as L
 import torch
 
 from components.ppo import core
-from components.ppo.rollout import Rollout, critic_values, left_pad, response_logprobs, sample
+from components.ppo.rollout import Rollout, critic_values, response_logprobs, sample
+from components.lib.rollout import encode_prompts, reference_logprobs
 from components.lib.training import configure_optimizer
 
 
@@ -80,16 +81,11 @@ class PPOModule(L.LightningModule):
 
     def _reference_logprobs(self, ids, mask, context, responses) -> torch.Tensor:
         """Reference log-probs: the frozen copy, or with LoRA the same model with its adapter disabled."""
-        if self.reference is not None:
-            return response_logprobs(self.reference, ids, mask, context, responses, self.hparams.temperature)[0]
-        with self.policy.disable_adapter():
-            return response_logprobs(self.policy, ids, mask, context, responses, self.hparams.temperature)[0]
+        return reference_logprobs(self.policy, self.reference, ids, mask, context, responses, self.hparams.temperature)
 
     def encode(self, rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
         """Left-padded prompt ids, each cut to max_prompt_length from the left."""
-        n = self.hparams.max_prompt_length
-        ids = [self.tokenizer(r["prompt"])["input_ids"][-n:] or [self.tokenizer.eos_token_id] for r in rows]
-        return left_pad(ids, self.tokenizer.pad_token_id, self.device)
+        return encode_prompts(self.tokenizer, rows, self.hparams.max_prompt_length, self.device)
 
     @torch.no_grad()
     def rollout(self, rows: list[dict], greedy: bool = False) -> tuple[Rollout, dict[str, torch.Tensor]]:

@@ -6,8 +6,11 @@ from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from ..base import ModelRef, Ref, Section, StepSpec, TaskFile
-from ..data import BuiltinTask
+from ..base import CausalModelRef, InputFile, ModelRef, Ref, ReferenceFiles, Section, StepSpec, TaskFile
+from ..data import BuiltinTask, one_source
+
+# The builtin tasks whose answers are several words: ROUGE and BLEU give partial credit there.
+REFERENCE_TASKS = ["copy", "reverse", "capitalize"]
 
 TokensRef = Annotated[str, Ref("tokens", heldout=True)]
 
@@ -97,6 +100,137 @@ class EmbeddingsSpec(Section):
     """Tokens drawn in the 2-D PCA projection (the first ids after the specials)."""
 
 
+class ReferenceExample(Section):
+    """A prompt and the text(s) a good generation resembles."""
+
+    prompt: str
+    """Text the model continues."""
+    reference: str | list[str]
+    """The reference continuation, or several (each metric takes the best match, as its library does)."""
+
+
+class RougeSettings(Section):
+    """rouge-score's settings (Lin 2004; `rouge_score.rouge_scorer.RougeScorer`)."""
+
+    use_stemmer: bool = False
+    """Porter-stem tokens longer than 3 characters before matching (rouge-score's default: off)."""
+
+
+class BleuSettings(Section):
+    """sacrebleu's BLEU settings (Papineni et al. 2002; Post 2018); the defaults are sacrebleu's."""
+
+    tokenize: Literal["13a", "none", "intl", "char", "zh", "ja-mecab", "ko-mecab", "flores101", "flores200"] = "13a"
+    """Tokenizer applied to hypothesis and references (`13a`: mteval's, splits punctuation)."""
+    smooth_method: Literal["exp", "floor", "add-k", "none"] = "exp"
+    """Smoothing of zero n-gram matches (Chen & Cherry 2014)."""
+    lowercase: bool = False
+    """Compare case-insensitively."""
+
+
+class ChrfSettings(Section):
+    """sacrebleu's chrF settings (Popović 2015)."""
+
+    word_order: int = Field(0, ge=0, le=2)
+    """Word n-gram order added to the character n-grams (2: chrF++)."""
+
+
+class ReferencesSpec(Section):
+    """Generate a reply to each prompt and score it against references: ROUGE, BLEU, chrF, exact match.
+
+    Computed by the reference implementations (rouge-score, sacrebleu), not re-implemented; their settings are
+    logged as tags of the step's run (`references.*`)."""
+
+    builtin: Literal["tasks"] | None = None
+    """`tasks`: held-out rows of the builtin mixture; the references are the answers."""
+    tasks: list[BuiltinTask] | None = None
+    """Builtin only: which tasks (default: the multi-word ones, copy, reverse and capitalize)."""
+    n_per_task: int = Field(20, ge=1)
+    """Builtin only: held-out rows per task."""
+    files: ReferenceFiles | None = None
+    """JSONL files of {prompt, reference} rows (reference: a string or a list of strings), relative to the spec."""
+    examples: list[ReferenceExample] | None = None
+    """Rows written in the spec."""
+    metrics: list[Literal["rouge", "bleu", "chrf", "exact_match"]] = ["rouge", "bleu", "chrf", "exact_match"]
+    """Which metrics to compute."""
+    max_new_tokens: int = Field(32, ge=1, le=1024)
+    """Tokens generated per prompt (greedy)."""
+    stop: Literal["line", "eos"] = "line"
+    """`line`: the reply is the first line (the builtin tasks' format); `eos`: everything up to EOS."""
+    rouge: RougeSettings = RougeSettings()
+    """rouge-score settings."""
+    bleu: BleuSettings = BleuSettings()
+    """sacrebleu BLEU settings."""
+    chrf: ChrfSettings = ChrfSettings()
+    """sacrebleu chrF settings."""
+
+    @model_validator(mode="after")
+    def _source(self) -> "ReferencesSpec":
+        one_source(self, ("builtin", "files", "examples"), frozenset({"tasks", "n_per_task"}), "tasks")
+        return self
+
+    def builtin_tasks(self) -> list[str]:
+        return list(self.tasks or REFERENCE_TASKS)
+
+
+class LmEvalSpec(Section):
+    """EleutherAI's lm-evaluation-harness (`lm_eval.simple_evaluate`, the `hf` backend) on the step's model.
+
+    Tasks come from the harness's registry (hub datasets: they need the network), from llmcycle's own task
+    folder (always included: `llmcycle_sentiment`, multiple choice; `llmcycle_pydoc`, rolling log-likelihood;
+    both offline) and from `include_path`."""
+
+    tasks: list[str] = Field(min_length=1)
+    """Task or group names, as `lm_eval --tasks` takes them."""
+    include_path: InputFile | None = None
+    """A folder of task YAML files of your own, relative to the spec."""
+    num_fewshot: int | None = Field(None, ge=0)
+    """Few-shot examples per question (null: each task's own default)."""
+    limit: int | None = Field(None, ge=1)
+    """Documents per task at most (null: all)."""
+    batch_size: int = Field(8, ge=1)
+    """Requests per forward pass."""
+
+
+class JudgeSpec(Section):
+    """LLM-as-judge (Zheng et al. 2023) on the replies of `references`: a judge model answers a multiple-choice
+    question, and its label is the softmax over the two options' log-probabilities (the constitutional step's
+    judging code, components/lib/judging.py).
+
+    - `pointwise`: "is this reply good?" per reply; agreement = the judge's verdict matches exact match with the
+      reference.
+    - `pairwise`: the reply against the reference; win rate = how often the judge prefers the reply; agreement =
+      how often it prefers the reference over a reply that does not match it.
+    `swap_positions` asks every question in both orders and averages, so position bias cancels out; the bias
+    itself (mean p(first option) - 0.5) is reported either way."""
+
+    model: CausalModelRef
+    """The judge: a step's model, `hf:ID`, a folder or a registered model."""
+    rubric: str = "Is the reply a correct and complete answer to the request?"
+    """The judge's question."""
+    mode: Literal["pairwise", "pointwise"] = "pairwise"
+    """`pairwise`: reply vs reference; `pointwise`: each reply alone."""
+    swap_positions: bool = True
+    """Ask in both orders (A/B swapped) and average the two labels."""
+    template: str | None = None
+    """The judge's prompt (null: a default per mode). Slots: {rubric}, {prompt}, and {a}, {b} (pairwise) or
+    {reply} (pointwise)."""
+    options: tuple[str, str] = (" A", " B")
+    """The two answer tokens whose probabilities give the label (pointwise: A = good, B = not good)."""
+    batch_size: int = Field(16, ge=1)
+    """Judge prompts per forward pass."""
+
+    @model_validator(mode="after")
+    def _template(self) -> "JudgeSpec":
+        if self.options[0] == self.options[1]:
+            raise ValueError("options must differ")
+        if self.template is not None:
+            slots = ["{a}", "{b}"] if self.mode == "pairwise" else ["{reply}"]
+            missing = [s for s in slots if s not in self.template]
+            if missing:
+                raise ValueError(f"template must contain {', '.join(missing)} in {self.mode} mode")
+        return self
+
+
 class EvaluateSpec(StepSpec):
     """Measure a model: perplexity, next-token and masked-token accuracy, tasks, decoding, embeddings."""
 
@@ -123,7 +257,33 @@ class EvaluateSpec(StepSpec):
     """Decoding samples (null: none; causal models only)."""
     embeddings: EmbeddingsSpec | None = None
     """Embedding inspection (null: none)."""
+    references: ReferencesSpec | None = None
+    """Generated replies scored against references: ROUGE, BLEU, chrF, exact match (null: none)."""
+    lm_eval: LmEvalSpec | None = None
+    """Tasks of the lm-evaluation-harness (null: none)."""
+    judge: JudgeSpec | None = None
+    """A judge model scores the replies of `references` (null: none)."""
+
+    @model_validator(mode="after")
+    def _judge_needs_replies(self) -> "EvaluateSpec":
+        if self.judge is not None and self.references is None:
+            raise ValueError("judge scores the replies that `references` generates: add a references section")
+        return self
 
     def reads_heldout(self, path: tuple, ref: Ref) -> bool:
         return ref.heldout and self.split == "val"
+
+    def plan_details(self) -> dict[str, str]:
+        out = {}
+        if (r := self.references) is not None:
+            rows = f"builtin {'/'.join(r.builtin_tasks())} x{r.n_per_task}" if r.builtin else \
+                (f"{len(r.files)} file glob(s)" if r.files else f"{len(r.examples)} rows")
+            out["references"] = f"{rows}: {', '.join(r.metrics)}"
+        if self.judge is not None:
+            out["judge"] = f"{self.judge.model}, {self.judge.mode}" + (", both orders" if self.judge.swap_positions
+                                                                          else "")
+        if self.lm_eval is not None:
+            out["lm_eval"] = ", ".join(self.lm_eval.tasks) + (f" (limit {self.lm_eval.limit})" if self.lm_eval.limit
+                                                              else "")
+        return out
 

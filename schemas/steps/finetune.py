@@ -8,7 +8,7 @@ from pydantic import Field, model_validator
 
 from ..base import CausalModelRef, Ref, Section, TrainingStepSpec
 from ..data import SftDataSpec
-from ..peft import PeftSpec, WritesTunedModel
+from ..peft import QuantizedBasePeftSpec, WritesTunedModel
 
 TokensRef = Annotated[str, Ref("tokens", heldout=True)]
 
@@ -36,8 +36,8 @@ class FinetuneSpec(WritesTunedModel, TrainingStepSpec):
     """The model to fine-tune."""
     data: SftDataSpec
     """Training (and held-out) instruction data."""
-    peft: PeftSpec = PeftSpec()
-    """Which parameters train."""
+    peft: QuantizedBasePeftSpec = QuantizedBasePeftSpec()
+    """Which parameters train (and, for LoRA, whether the frozen base is held in 4 bits: QLoRA)."""
     tokens: TokensRef | None = None
     """A `tokenize` step whose token files feed `replay` and the forgetting perplexity (validation split)."""
     replay: float = Field(0.0, ge=0, lt=1)
@@ -55,6 +55,18 @@ class FinetuneSpec(WritesTunedModel, TrainingStepSpec):
             raise ValueError(problem)
         return self
 
+    def trainer_problems(self, trainer) -> list[tuple[tuple, str]]:
+        if self.peft.quantize_base is None:
+            return []
+        if trainer.accelerator in ("cpu", "mps"):
+            return [(("peft", "quantize_base"), f"quantize_base: {self.peft.quantize_base} (QLoRA's 4-bit base, "
+                     f"bitsandbytes) needs a CUDA GPU, and this step runs on accelerator '{trainer.accelerator}': set "
+                     "trainer.accelerator to gpu (or auto on a GPU machine), or remove quantize_base for plain LoRA")]
+        if trainer.strategy.startswith(("fsdp", "deepspeed")):
+            return [(("peft", "quantize_base"), f"quantize_base (QLoRA) trains with one GPU per process (ddp), "
+                     f"got strategy '{trainer.strategy}'; use ddp or a single device")]
+        return []
+
     def reads_heldout(self, path: tuple, ref: Ref) -> bool:
         return ref.heldout and self.evaluation is not None  # the forgetting perplexity; replay reads `train`
 
@@ -64,7 +76,8 @@ class FinetuneSpec(WritesTunedModel, TrainingStepSpec):
     def plan_details(self) -> dict:
         p = self.peft
         what = {"lora": f"lora r={p.r} alpha={p.alpha}" + (" rslora" if p.use_rslora else "")
-                + (" dora" if p.use_dora else ""), "prompt_tuning": f"prompt_tuning {p.num_virtual_tokens} tokens",
+                + (" dora" if p.use_dora else "") + (f" on a {p.quantize_base} base" if p.quantize_base else ""),
+                "prompt_tuning": f"prompt_tuning {p.num_virtual_tokens} tokens",
                 "prune": f"prune to {p.sparsity:.0%} sparsity"}.get(p.method, p.method)
         data = f"builtin tasks x{self.data.n_per_task}" if self.data.builtin else \
             (f"data from step {self.data.step}" if self.data.step else f"{len(self.data.files)} file glob(s)")

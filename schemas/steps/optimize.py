@@ -1,12 +1,19 @@
-"""`optimize`: merge adapters, prune by magnitude, quantize to int8 for CPU serving; measure before and after."""
+"""`optimize`: merge adapters, prune by magnitude, write bf16/fp16/int8/int4 variants; measure before and after."""
 
 from __future__ import annotations
 
-from typing import Annotated, ClassVar, Literal
+from typing import Annotated, ClassVar, Literal, get_args
 
-from pydantic import Field
+from pydantic import Field, WithJsonSchema, field_validator
 
 from ..base import CausalModelRef, Ref, Section, StepSpec
+
+Variant = Literal["bf16", "fp16", "int8", "int4"]
+VARIANTS: tuple[str, ...] = get_args(Variant)
+# Written as one name, a list, or `none`; validated as a list (so a wrong name is one error, not one per form).
+Variants = Annotated[list[Variant], WithJsonSchema({"anyOf": [
+    {"type": "string", "enum": [*VARIANTS, "none"]},
+    {"type": "array", "items": {"type": "string", "enum": list(VARIANTS)}, "uniqueItems": True}]})]
 
 
 class PruneSpec(Section):
@@ -19,7 +26,7 @@ class PruneSpec(Section):
 
 
 class MeasureSpec(Section):
-    """How the variants are compared: held-out perplexity, generation latency and size on disk."""
+    """How the variants are compared: held-out perplexity, generation latency, size on disk and in memory."""
 
     tokens: Annotated[str, Ref("tokens", heldout=True)] | None = None
     """A tokenize step whose `val` split gives held-out perplexity (null: skip perplexity)."""
@@ -40,7 +47,7 @@ class MeasureSpec(Section):
 class OptimizeSpec(StepSpec):
     """Make a model cheaper to serve and show what it cost: size, latency per token, perplexity."""
 
-    produces: ClassVar[frozenset[str]] = frozenset({"model", "quantized"})
+    produces: ClassVar[frozenset[str]] = frozenset({"model", *VARIANTS})
 
     kind: Literal["optimize"]
     model: CausalModelRef
@@ -49,19 +56,33 @@ class OptimizeSpec(StepSpec):
     """A step whose LoRA adapter is merged into `model` first (null: `model` is used as is)."""
     prune: PruneSpec | None = None
     """Magnitude pruning (null: none)."""
-    quantize: Literal["int8", "none"] = "int8"
-    """`int8`: dynamic int8 quantization of every Linear layer (torch.ao.quantization.quantize_dynamic)."""
+    quantize: Variants = ["int8"]
+    """Lower-precision variants of the (merged, pruned) model, each written to the folder and output of its name
+    and measured beside it: `bf16`/`fp16` (the whole model cast), `int8` (torchao weight-only int8, float32
+    activations), `int4` (torchao weight-only int4 in groups, bf16 activations); one name, a list, or `none`."""
     measure: MeasureSpec = MeasureSpec()
     """How the variants are compared."""
 
+    @field_validator("quantize", mode="before")
+    @classmethod
+    def _as_list(cls, value):
+        return [] if value == "none" else [value] if isinstance(value, str) else value
+
+    @field_validator("quantize")
+    @classmethod
+    def _each_once(cls, value: list[str]) -> list[str]:
+        if len(set(value)) < len(value):
+            raise ValueError(f"quantize lists a variant twice, got {value}")
+        return value
+
     def outputs(self) -> frozenset[str]:
-        return frozenset({"model"} | ({"quantized"} if self.quantize == "int8" else set()))
+        return frozenset({"model", *self.quantize})
 
     def why_no(self, output: str) -> str:
-        return "quantize is none" if output == "quantized" else ""
+        return f"quantize does not list {output}" if output in VARIANTS else ""
 
     def plan_details(self) -> dict[str, str]:
         chain = (["merge adapter"] if self.adapter else []) + \
                 ([f"prune {self.prune.sparsity:.0%} ({self.prune.scope})"] if self.prune else []) + \
-                (["int8 dynamic quantization"] if self.quantize == "int8" else [])
+                ([f"quantize {', '.join(self.quantize)}"] if self.quantize else [])
         return {"optimizations": " -> ".join(chain) or "none (measure only)"}

@@ -1,4 +1,5 @@
-"""`pretrain`: train a causal or masked transformer from scratch (or continue one) on a tokenize step's tokens."""
+"""`pretrain`: train a causal or masked LM from scratch (or continue one) on a tokenize step's tokens: a transformer,
+or a sequence model from before them (mlp, rnn, lstm)."""
 
 from __future__ import annotations
 
@@ -10,32 +11,59 @@ from ..base import ModelRef, Section, TokenizerRef, TrainingStepSpec
 from ..sizing import size_model
 
 SHAPE_FIELDS = ("layers", "hidden", "heads", "intermediate")
+SEQUENCE_FAMILIES = ("mlp", "rnn", "lstm")  # before transformers: no attention, causal only
+CAUSAL_FAMILIES = ("llama", "gpt2", *SEQUENCE_FAMILIES)
+TRANSFORMER_ONLY = ("heads", "kv_heads", "intermediate")
+MLP_ONLY = ("window", "direct_connections")
 
 
 class ModelSpec(Section):
-    """Architecture of a model built from a transformers config."""
+    """Architecture of a model built from a transformers config (mlp, rnn, lstm: llmcycle's own config classes)."""
 
-    family: Literal["llama", "gpt2", "bert", "roberta"] = "llama"
-    """Architecture: `llama`, `gpt2` (causal) or `bert`, `roberta` (masked)."""
+    family: Literal["llama", "gpt2", "bert", "roberta", "mlp", "rnn", "lstm"] = "llama"
+    """Architecture: `llama`, `gpt2` (causal transformers), `bert`, `roberta` (masked transformers), or a causal
+    model from before transformers: `mlp` (fixed-window neural LM, Bengio et al. 2003), `rnn` (Elman 1990),
+    `lstm` (Hochreiter & Schmidhuber 1997)."""
     layers: int = Field(2, ge=1, le=256)
-    """Transformer blocks."""
+    """Transformer blocks; mlp: tanh hidden layers; rnn, lstm: stacked recurrent layers."""
     hidden: int = Field(64, ge=8)
-    """Width of the residual stream (embedding size)."""
+    """Width of the residual stream (embedding size); mlp, rnn, lstm: the embedding size and the width of every
+    hidden layer or recurrent state."""
     heads: int = Field(4, ge=1)
-    """Attention heads; must divide hidden."""
+    """Attention heads; must divide hidden (transformers only)."""
     kv_heads: int | None = Field(None, ge=1)
     """Key/value heads for grouped-query attention (llama only; null: same as heads)."""
     intermediate: int | None = Field(None, ge=1)
-    """MLP width (null: 4 x hidden)."""
+    """MLP width (null: 4 x hidden; transformers only)."""
     context: int = Field(128, ge=8)
-    """Sequence length of the training blocks and the model's maximum positions."""
+    """Sequence length of the training blocks and the model's maximum positions (mlp, rnn, lstm have no position
+    limit: it is their training and scoring length)."""
     dropout: float = Field(0.0, ge=0, lt=1)
-    """Dropout on attention and residual streams."""
+    """Dropout on attention and residual streams; mlp, rnn, lstm: on the embeddings, between layers and before
+    the output."""
     tie_embeddings: bool = True
     """Share the input embedding and output projection weights (fewer parameters, as in GPT-2)."""
+    window: int = Field(4, ge=1, le=512)
+    """mlp only: tokens each prediction reads, the current one included (Bengio et al.'s n - 1; n = 5 there)."""
+    direct_connections: bool = False
+    """mlp only: also map the window's concatenated embeddings straight to the logits (Bengio et al.'s W;
+    window x hidden x vocabulary more parameters)."""
 
     @model_validator(mode="after")
-    def _heads_divide(self) -> "ModelSpec":
+    def _fields_fit_family(self) -> "ModelSpec":
+        def stray(fields: tuple[str, ...]) -> tuple[str, str]:
+            given = [f for f in fields if f in self.model_fields_set]
+            return "model." + ", model.".join(given) if given else "", "it" if len(given) == 1 else "them"
+
+        names, them = stray(TRANSFORMER_ONLY)
+        if names and self.family in SEQUENCE_FAMILIES:
+            raise ValueError(f"{names}: transformers only, and family '{self.family}' has no attention blocks; "
+                             f"remove {them}")
+        names, them = stray(MLP_ONLY)
+        if names and self.family != "mlp":
+            raise ValueError(f"{names}: family mlp only, not '{self.family}'; remove {them} or set family: mlp")
+        if self.family in SEQUENCE_FAMILIES:
+            return self
         if self.hidden % self.heads:
             raise ValueError(f"heads ({self.heads}) must divide hidden ({self.hidden})")
         if self.kv_heads is not None and self.heads % self.kv_heads:
@@ -65,7 +93,7 @@ class SizingSpec(Section):
 
 
 class PretrainSpec(TrainingStepSpec):
-    """Pretrain a transformer with a causal (next-token) or masked (BERT) objective."""
+    """Pretrain a language model with a causal (next-token) or masked (BERT) objective."""
 
     produces: ClassVar[frozenset[str]] = frozenset({"model", "tokenizer"})
 
@@ -90,13 +118,17 @@ class PretrainSpec(TrainingStepSpec):
         if (self.model is None) == (self.init_from is None):
             raise ValueError("give exactly one of model (a new architecture) or init_from (an existing model)")
         if self.model is not None:
-            causal = self.model.family in ("llama", "gpt2")
+            causal = self.model.family in CAUSAL_FAMILIES
             if causal != (self.objective == "causal"):
                 raise ValueError(f"model.family '{self.model.family}' does not fit objective '{self.objective}'; "
-                                 "causal takes llama or gpt2, masked takes bert or roberta")
+                                 "causal takes llama, gpt2, mlp, rnn or lstm, masked takes bert or roberta")
         if self.sizing is not None:
             if self.model is None:
                 raise ValueError("sizing chooses a new model's shape; it needs model (with its family), not init_from")
+            if self.model.family in SEQUENCE_FAMILIES:
+                raise ValueError(f"sizing shapes transformers (layers, hidden, heads); model.family "
+                                 f"'{self.model.family}' is not one: give model.layers and model.hidden, or remove "
+                                 "sizing")
             given = [f for f in SHAPE_FIELDS if f in self.model.model_fields_set]
             if given:
                 raise ValueError(f"sizing chooses model.{', model.'.join(given)}; remove them or remove sizing")

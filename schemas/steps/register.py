@@ -123,8 +123,8 @@ class RegisterSpec(StepSpec):
     def conditions(self) -> list[Condition]:
         return [parse_condition(text) for text in self.gate]
 
-    def references(self) -> Iterator[tuple[tuple, str, Ref]]:
-        yield from super().references()
+    def step_references(self) -> Iterator[tuple[tuple, str, Ref]]:
+        yield from super().step_references()
         any_step = Ref("*")
         for i, condition in enumerate(self.conditions()):
             for step in condition.steps():

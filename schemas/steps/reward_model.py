@@ -8,7 +8,7 @@ from pydantic import Field, model_validator
 
 from ..base import CausalModelRef, OptimizerSpec, TrainingStepSpec
 from ..peft import PeftSpec
-from ..data import PreferenceDataSpec
+from ..data import RewardDataSpec
 
 
 class RewardModelSpec(TrainingStepSpec):
@@ -19,8 +19,8 @@ class RewardModelSpec(TrainingStepSpec):
     kind: Literal["reward_model"]
     model: CausalModelRef
     """The model to start from (usually the fine-tuned policy); its LM head is replaced by a score head."""
-    data: PreferenceDataSpec
-    """Where the preference pairs come from."""
+    data: RewardDataSpec
+    """Where the preference pairs come from (or the ratings, with a rated `sheet`)."""
     peft: PeftSpec = PeftSpec(method="full")
     """Which weights train: `full`, `lora` (merged into the saved folder) or `bitfit`; the score head always trains."""
     optimizer: OptimizerSpec = OptimizerSpec(lr=1e-4)
@@ -40,5 +40,15 @@ class RewardModelSpec(TrainingStepSpec):
             raise ValueError("give epochs or max_steps/max_tokens, not both")
         if self.peft.method not in ("full", "lora", "bitfit"):
             raise ValueError(f"peft.method: reward models support full, lora or bitfit, got {self.peft.method!r}")
+        sheet = self.data.sheet
+        if sheet is not None and sheet.ties == "soft" and not self.soft_labels:
+            raise ValueError("data.sheet.ties: soft trains on ties with p = 0.5, which needs soft_labels: true")
+        if sheet is not None and sheet.pointwise() and (self.margin or self.center_coef):
+            raise ValueError("margin and center_coef shape the pairwise loss; data.sheet.loss: mse trains on ratings")
         return self
+
+    def input_globs(self) -> list[str]:
+        """Input files, and a sheet's key file (editing it re-runs the step)."""
+        key = self.data.sheet.key_file() if self.data.sheet is not None else None
+        return super().input_globs() + ([key] if key else [])
 

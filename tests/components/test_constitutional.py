@@ -11,6 +11,7 @@ import torch
 
 from components import constitutional as cai
 from components.constitutional import rl, transcripts as T
+from components.lib import judging
 from components.lib import assets
 from schemas.constitution import load_constitution
 from schemas.steps.constitutional import ConstitutionalSpec, FeedbackSpec
@@ -49,7 +50,7 @@ def test_sft_targets_hold_no_critique_and_halves_are_disjoint():
 
 def test_soft_labels_sum_to_one():
     la, lb = torch.randn(100), torch.randn(100)
-    pa, pb = rl.soft_label(la, lb), rl.soft_label(lb, la)
+    pa, pb = judging.soft_label(la, lb), judging.soft_label(lb, la)
     assert torch.allclose(pa + pb, torch.ones(100))
     assert torch.allclose(pa, torch.sigmoid(la - lb))
 
@@ -60,7 +61,7 @@ class KeywordJudge(torch.nn.Module):
     def __init__(self, tokenizer):
         super().__init__()
         self.tok, self.w = tokenizer, torch.nn.Parameter(torch.zeros(1))
-        self.a, self.b = rl.option_ids(tokenizer, ("A", "B"))
+        self.a, self.b = judging.option_ids(tokenizer, ("A", "B"))
 
     def forward(self, input_ids, attention_mask=None):
         logits = torch.zeros(*input_ids.shape, len(self.tok))
@@ -79,7 +80,7 @@ def test_swapping_a_and_b_flips_the_label_for_a_position_free_judge(tiny_lm):
     fb = FeedbackSpec(options=("A", "B"))
     text = lambda a, b: rl.comparison_text(fb.template, "Which reply is polite?", "Shut the door", a, b)  # noqa
     good, bad = "please please shut it", "shut it please"
-    pa, pa_swapped = rl.judge(judge, tok, [text(good, bad), text(bad, good)], fb.options)
+    pa, pa_swapped = judging.judge(judge, tok, [text(good, bad), text(bad, good)], fb.options)
     assert pa == pytest.approx(1 / (1 + math.exp(-1))) and pa_swapped == pytest.approx(1 - pa)
     principles = load_constitution(assets.path("constitution.yaml")).principles[:1]
     items = [{"prompt": "x", "first": good, "second": bad, "reference": True} for _ in range(40)]
@@ -99,7 +100,7 @@ def test_bad_inputs_are_named(tiny_lm, tmp_path):
     with pytest.raises(SpecError, match="bad.yaml:3:5"):
         cai.load_principles(ConstitutionalSpec(kind="constitutional", model="m", constitution="bad.yaml"), ctx)
     from transformers import AutoTokenizer
-    a, b = rl.option_ids(AutoTokenizer.from_pretrained(tiny_lm), (" Answer A", " B"))
+    a, b = judging.option_ids(AutoTokenizer.from_pretrained(tiny_lm), (" Answer A", " B"))
     assert len(a) > 1 and len(b) >= 1  # multi-token options are scored by their summed log-prob
 
 

@@ -115,5 +115,8 @@ def test_tasks_on_a_masked_model_say_so(tmp_path, tokenized):
     folder = tmp_path / "bert"
     build_model(ModelSpec(family="bert", layers=1, hidden=32, heads=2), tok, "masked").save_pretrained(folder)
     tok.save_pretrained(folder)
-    with pytest.raises(ValueError, match="is a masked LM: tasks and generation need a causal model"):
+    with pytest.raises(ValueError, match="is a masked LM: generation needs a causal model"):
         evaluate(tmp_path, {}, model=str(folder), generation={"prompts": ["x"]})
+    with pytest.raises(ValueError, match="is a masked LM: generation, references and lm_eval need a causal model"):
+        evaluate(tmp_path, {}, model=str(folder), generation={"prompts": ["x"]}, references={"builtin": "tasks"},
+                 lm_eval={"tasks": ["llmcycle"]})

@@ -9,6 +9,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from components import tokenize
+from components.lib.corpus import is_validation
 from components.lib.tokens import read_tokens
 from schemas.steps.tokenize import TokenizeSpec
 
@@ -56,7 +57,7 @@ def test_bpe_on_text_files(tmp_path, text_corpus):
     assert meta["dtype"] == "uint16" and train.dtype == np.uint16
     # split by document: each document ends with EOS, the val documents are the hashed ones
     docs = corpus_documents(40)
-    held_out = [i for i in range(40) if tokenize.is_validation(i, 0, 0.25)]
+    held_out = [i for i in range(40) if is_validation(i, 0, 0.25)]
     assert 0 < len(held_out) < 40
     assert out.metrics["val/documents"] == len(held_out) == int((val == tok.eos_token_id).sum())
     assert out.metrics["train/documents"] == 40 - len(held_out) == int((train == tok.eos_token_id).sum())
@@ -70,7 +71,7 @@ def test_bpe_on_text_files(tmp_path, text_corpus):
 
 def test_tokenizer_trains_on_training_documents_only(tmp_path):
     docs = [f"common words here {i}" for i in range(30)]
-    held_out = [i for i in range(30) if tokenize.is_validation(i, 0, 0.3)]
+    held_out = [i for i in range(30) if is_validation(i, 0, 0.3)]
     for i in held_out:
         docs[i] = "zyzzyva " * 20  # seen only in validation: must not become a token
     (tmp_path / "c.txt").write_text("\n\n".join(docs))

@@ -35,19 +35,48 @@ def plan_actions(spec: Path, capsys, *args: str) -> dict[str, str]:
     return {p["name"]: p["action"] for p in json.loads(capsys.readouterr().out)}
 
 
+def ledger_lines(out: str) -> list[list[str]]:
+    """The cells of the ledger table `llmcycle run` printed (header first, up to the totals' rule)."""
+    lines = out.split("ledger: time and effort of this run\n", 1)[1].splitlines()
+    return [line.split() for line in lines[:next(i for i, line in enumerate(lines) if set(line) == {"-"})]]
+
+
+def last_ledger(spec: Path, tmp_path: Path) -> dict:
+    """ledger.json of the pipeline's latest parent run in MLflow."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{spec.parent / 'work' / 'mlflow.db'}")
+    [parent] = client.search_runs([client.get_experiment_by_name("cli").experiment_id], "tags.`mlflow.runName` = 'cli'",
+                                  order_by=["attributes.start_time DESC"], max_results=1)
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"ledger.json", "ledger.md"}
+    return json.loads(Path(client.download_artifacts(parent.info.run_id, "ledger.json", str(tmp_path))).read_text())
+
+
 @pytest.mark.usefixtures("prefect_harness")
-def test_run_then_plan_then_failure(spec, capsys):
+def test_run_then_plan_then_failure(spec, capsys, tmp_path):
     assert plan_actions(spec, capsys) == {"tok": "run"}
     assert main(["run", str(spec)]) == 0
     out = capsys.readouterr().out
     assert "tok            ran" in out and f"browse: llmcycle ui {spec}" in out
+    [tok] = last_ledger(spec, tmp_path)["rows"]  # a row per step, with what the step reported
+    [result] = [json.loads(p.read_text()) for p in (spec.parent / "work" / "tok").glob("*/result.json")]
+    assert tok["tokens"] == result["metrics"]["train/tokens"] + result["metrics"]["val/tokens"]
+    assert (tok["status"], tok["examples_of"], tok["flops"], tok["seconds"]) == (
+        "ran", "documents", None, result["metrics"]["time/seconds"])
+    header, row = ledger_lines(out)
+    assert header[:4] == ["step", "kind", "status", "wall"] and row[:3] == ["tok", "tokenize", "ran"]
+    assert row[-3:] == ["20", "documents", "-"]
     assert plan_actions(spec, capsys) == {"tok": "cached"}
     assert plan_actions(spec, capsys, "--force", "tok") == {"tok": "run"}
     assert plan_actions(spec, capsys, "--set", "steps.tok.vocab_size=300") == {"tok": "run"}
 
     assert main(["run", str(spec), "--set", "steps.tok.corpus.files=[gone.txt]"]) == 1
-    err = capsys.readouterr().err.strip().splitlines()[-1]
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()[-1]
     assert err.startswith("llmcycle: step 'tok' (tokenize) failed: corpus.files: no file matches 'gone.txt'")
+    [_, failed] = ledger_lines(captured.out)  # the time until it failed, then blanks
+    assert failed[:3] == ["tok", "tokenize", "failed"] and failed[4] == "s" and failed[5:] == ["-"] * 6
+    assert last_ledger(spec, tmp_path)["rows"][0]["status"] == "failed"
 
 
 def test_unknown_step_in_force_or_only(spec, capsys):

@@ -114,6 +114,39 @@ def test_branches_run_at_once_in_their_own_processes_and_a_failure_lets_them_fin
         logs = [a.path for a in store(spec).list_artifacts(runs[name].info.run_id, "logs")]
         assert logs == ["logs/step.log"]
     assert parent_runs(spec, "branches")[-1].info.status == "FAILED"
+    check_ledger(spec, tmp_path)
+
+
+def check_ledger(spec: Path, tmp_path: Path) -> None:
+    """The run's ledger.json on its parent run: a row per step with what the step's models computed."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.sorting import ArtifactSort
+
+    parent = parent_runs(spec, "branches")[-1].info.run_id
+    spent = json.loads(Path(store(spec).download_artifacts(parent, "ledger.json", str(tmp_path))).read_text())
+    rows = {r["step"]: r for r in spent["rows"]}
+    assert {n: r["status"] for n, r in rows.items()} == {"tok": "ran", "lm": "ran", "ev1": "ran", "ev2": "ran",
+                                                         "bad": "failed"}
+    [lm_result] = [json.loads(Path(p).read_text()) for p in glob.glob(str(tmp_path / "work" / "lm" / "*" / "result.json"))]
+    lm, n = rows["lm"], lm_result["metrics"]["params/total"]
+    assert lm["train_tokens"] == lm_result["metrics"]["train/tokens"] == 10 * 8 * 64  # every training position
+    assert lm["inference_tokens"] > 0 and lm["params_trainable"] == lm["params_total"] == n  # validation rounds
+    assert lm["flops"] == 6 * n * lm["train_tokens"] + 2 * n * lm["inference_tokens"]
+    assert (lm["examples"], lm["examples_of"]) == (80, "sequences")
+    for name in ("ev1", "ev2"):
+        ev = rows[name]
+        assert ev["train_tokens"] == 0 and ev["params_trainable"] == 0 and ev["params_total"] == n
+        assert ev["flops"] == 2 * n * ev["inference_tokens"] and ev["inference_tokens"] >= 8 * 64 * 0.9
+    assert rows["bad"]["seconds"] > 0 and rows["bad"]["tokens"] is None
+    assert spent["total"]["flops"] == sum(r["flops"] for r in rows.values() if r["flops"] is not None)
+
+    with get_client(sync_client=True) as client:  # the same figures in the flow run's Prefect table
+        [artifact] = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["llmcycle-steps"])),
+                                           sort=ArtifactSort.CREATED_DESC, limit=1)
+    table = artifact.data if isinstance(artifact.data, list) else json.loads(artifact.data)
+    assert [r["step"] for r in table] == ["tok", "lm", "ev1", "ev2", "bad", "total"]
+    assert table[1]["FLOPs"].endswith("FLOP") and table[4]["status"] == "failed"
 
 
 def test_two_runs_started_together_train_each_step_once(tmp_path):
@@ -132,6 +165,9 @@ def test_two_runs_started_together_train_each_step_once(tmp_path):
         assert len(glob.glob(str(tmp_path / "work" / step / "*" / "result.json"))) == 1
     assert any("another run is working on this step, or its inputs are not complete; waiting" in o for o in outputs)
     assert not glob.glob(str(tmp_path / "work" / "*" / ".tmp-*"))
+    ledgers = [o.split("ledger: time and effort of this run\n", 1)[1].splitlines()[1:3] for o in outputs]
+    for i, step in enumerate(("tok", "lm")):  # the run that waited for a step reused it: 0 s of its time
+        assert sorted(lines[i].split()[2] for lines in ledgers if lines[i].split()[0] == step) == ["cached", "ran"]
 
 
 def test_ctrl_c_sigterm_and_cancel_stop_the_step_and_each_rerun_resumes(tmp_path):

@@ -91,7 +91,7 @@ def test_generate_from_a_step_of_a_spec(prefect_harness, tiny_lm, write_spec):
     run_pipeline(str(spec))
     code, out, _ = cli("generate", "small", "--spec", str(spec), "--prompt", "The ", "--max-new-tokens", "6", "--json")
     assert code == 0 and json.loads(out.splitlines()[-1])["completion"] == expected_completion(tiny_lm, "The ", 6)
-    quantized = next((spec.parent / "runs" / "small").glob("*/quantized"))
+    quantized = next((spec.parent / "runs" / "small").glob("*/int8"))
     assert cli("generate", str(quantized), "--prompt", "The ", "--max-new-tokens", "3")[0] == 0
     code, _, err = cli("generate", "smal", "--spec", str(spec), "--prompt", "x")
     assert code == 2 and "did you mean 'small'" in err  # a mistake on the command line

@@ -1,0 +1,142 @@
+"""Rollouts whose log-probs belong to the policy, and the per-token arithmetic the RL kinds share (ppo, grpo).
+
+`sample` draws with top_k 0 and top_p 1 (filtering would make the stored log-probs wrong) at the step's
+temperature; log-probs of policy, reference and training all come from `response_logprobs`, with the same
+temperature, so the first optimisation pass over a batch sees a ratio of exactly 1 (ALGORITHMS.md §1,
+check 6). Shapes: `(batch, response_len)` for per-token tensors, `(batch,)` for per-sequence ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from components.lib.rewards import position_ids
+
+INVALID_LOGPROB = 1.0  # filler for log-probs past the end: equal on both sides, so the KL there is 0
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Mean of `x` over the positions where `mask` is true."""
+    mask = mask.to(x.dtype)
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def kl_per_token(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
+    """Per-token KL(π‖π_ref) estimate from sampled tokens (Schulman 2020, "Approximating KL divergence").
+
+    With r = log π_ref − log π: k1 = −r (unbiased, can be negative); k3 = (e^r − 1) − r (unbiased, never
+    negative), which is TRL GRPOTrainer's `exp(ref − logp) − (ref − logp) − 1`.
+    """
+    logr = ref_logp - logp
+    if estimator == "k1":
+        return -logr
+    if estimator == "k3":
+        return torch.expm1(logr) - logr
+    raise ValueError(f"kl estimator must be 'k1' or 'k3', got {estimator!r}")
+
+
+def first_eos_mask(responses: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(valid, seq_end, has_eos): tokens up to and including the first EOS, its index, whether one exists.
+
+    Without an EOS the whole window is valid and `seq_end` is its last index.
+    """
+    is_eos = responses == eos_id
+    has_eos = is_eos.any(1)
+    width = responses.shape[1]
+    first = torch.where(has_eos, is_eos.int().argmax(1), torch.full_like(has_eos, width - 1, dtype=torch.long))
+    valid = torch.arange(width, device=responses.device)[None, :] <= first[:, None]
+    return valid, first, has_eos
+
+
+@dataclass
+class Rollout:
+    """One batch of episodes; per-token tensors are (batch, response_len)."""
+
+    query: torch.Tensor        # left-padded prompt ids
+    query_mask: torch.Tensor
+    responses: torch.Tensor    # truncated after the first EOS, pad beyond
+    valid: torch.Tensor        # tokens up to and including the first EOS
+    seq_end: torch.Tensor
+    has_eos: torch.Tensor
+    logprobs: torch.Tensor | None = None
+    ref_logprobs: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+    scores: torch.Tensor | None = None
+    advantages: torch.Tensor | None = None
+    returns: torch.Tensor | None = None
+
+    def full(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompt+response ids and their attention mask."""
+        return torch.cat([self.query, self.responses], 1), torch.cat([self.query_mask, self.valid.long()], 1)
+
+    def select(self, idx: torch.Tensor) -> "Rollout":
+        """The episodes at `idx` (of the same class, so subclasses keep their extra fields)."""
+        return type(self)(**{k: (v[idx] if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()})
+
+
+def left_pad(rows: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ids and attention mask (generation continues from the right edge)."""
+    from trl.trainer.utils import pad
+
+    seqs = [torch.tensor(r, dtype=torch.long) for r in rows]
+    ids = pad(seqs, padding_value=pad_id, padding_side="left")
+    mask = pad([torch.ones_like(s) for s in seqs], padding_value=0, padding_side="left")
+    return ids.to(device), mask.to(device)
+
+
+@torch.no_grad()
+def sample(policy, query: torch.Tensor, query_mask: torch.Tensor, max_new_tokens: int, temperature: float,
+           eos_id: int, pad_id: int, greedy: bool = False) -> Rollout:
+    """Sample one response per prompt, cut after its first EOS."""
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(max_new_tokens=max_new_tokens, min_new_tokens=0, do_sample=not greedy,
+                              temperature=temperature if not greedy else 1.0, top_k=0, top_p=1.0,
+                              eos_token_id=eos_id, pad_token_id=pad_id)
+    out = policy.generate(input_ids=query, attention_mask=query_mask, generation_config=config)
+    responses = out[:, query.shape[1]:]
+    if responses.shape[1] < max_new_tokens:  # every row stopped early: pad to the window
+        fill = torch.full((len(responses), max_new_tokens - responses.shape[1]), pad_id, device=responses.device)
+        responses = torch.cat([responses, fill], 1)
+    valid, seq_end, has_eos = first_eos_mask(responses, eos_id)
+    responses = torch.where(valid, responses, torch.full_like(responses, pad_id))
+    return Rollout(query, query_mask, responses, valid, seq_end, has_eos)
+
+
+def response_logprobs(model, ids: torch.Tensor, mask: torch.Tensor, context: int, responses: torch.Tensor,
+                      temperature: float, value_head: torch.nn.Module | None = None, entropy: bool = False):
+    """(log π(y_t), entropy_t or None, values_t or None) for the response tokens; invalid positions are 1.0."""
+    from trl.trainer.utils import selective_log_softmax, selective_log_softmax_and_entropy
+
+    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask),
+                output_hidden_states=value_head is not None, use_cache=False)
+    logits = out.logits[:, context - 1:-1].float()
+    if entropy:
+        logp, ent = selective_log_softmax_and_entropy(logits, responses, temperature=temperature)
+    else:
+        logp, ent = selective_log_softmax(logits, responses, temperature=temperature), None
+    valid = mask[:, context:].bool()
+    logp = torch.where(valid, logp, torch.full_like(logp, INVALID_LOGPROB))
+    values = None
+    if value_head is not None:
+        values = value_head(out.hidden_states[-1][:, context - 1:-1].float()).squeeze(-1)
+    return logp, ent, values
+
+
+def encode_prompts(tokenizer, rows: list[dict], max_length: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded prompt ids of the rows' `prompt`, each cut to `max_length` tokens from the left."""
+    ids = [tokenizer(r["prompt"])["input_ids"][-max_length:] or [tokenizer.eos_token_id] for r in rows]
+    return left_pad(ids, tokenizer.pad_token_id, device)
+
+
+def reference_logprobs(policy, reference, ids: torch.Tensor, mask: torch.Tensor, context: int,
+                       responses: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Reference log-probs: the frozen copy `reference`, or (None) the LoRA policy with its adapter disabled."""
+    if reference is not None:
+        return response_logprobs(reference, ids, mask, context, responses, temperature)[0]
+    with policy.disable_adapter():
+        return response_logprobs(policy, ids, mask, context, responses, temperature)[0]
