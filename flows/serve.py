@@ -172,7 +172,7 @@ def start_scoring_server(model_folder: Path, port: int, env: dict[str, str]) -> 
 
     _, server_env = get_cmd(str(model_folder), port=port, host="127.0.0.1", nworkers=1)
     command = [sys.executable, "-m", "uvicorn", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-               "mlflow.pyfunc.scoring_server.app:app"]
+               "flows.scoring_app:app"]
     return subprocess.Popen(command, env={**server_env, **env}, preexec_fn=_child_setup)
 
 

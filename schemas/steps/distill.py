@@ -68,8 +68,8 @@ class DistillSpec(TrainingStepSpec):
     @model_validator(mode="after")
     def _consistent(self) -> "DistillSpec":
         if isinstance(self.student, ModelSpec) and self.student.family not in ("llama", "gpt2"):
-            raise ValueError(f"student.family '{self.student.family}' is a masked LM; distill trains a causal "
-                             "student: use llama or gpt2")
+            raise ValueError(f"student.family '{self.student.family}': distill trains a causal transformer "
+                             "student (llama or gpt2); a masked or pre-transformer family is not supported yet")
         if self.on_policy is not None:
             if self.alpha == 0:
                 raise ValueError("on_policy needs alpha > 0: sampled continuations have no hard labels, so "

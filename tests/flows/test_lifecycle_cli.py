@@ -167,3 +167,30 @@ def test_serve_refuses_what_it_cannot_do_holds_under_load_and_stops_everything(r
         assert server.returncode == 0, log.read_text()[-2000:]
         psutil.wait_procs([scorer], timeout=20)
         assert not scorer.is_running(), "the scoring server outlived `llmcycle serve`"
+
+
+def test_serve_loads_a_pre_transformer_family(tokenized, tmp_path):
+    """The scoring server runs in a process of its own: llmcycle's rnn class must be registered there too."""
+    from mlflow.tracking import MlflowClient
+
+    from components import register
+    from components.lib.models import build_model, load_tokenizer
+    from schemas.steps.pretrain import ModelSpec
+    from schemas.steps.register import RegisterSpec
+
+    tok = load_tokenizer(str(tokenized.path("tokenizer")))
+    folder = tmp_path / "rnn"
+    build_model(ModelSpec(family="rnn", layers=1, hidden=32, context=64), tok, "causal").save_pretrained(folder)
+    tok.save_pretrained(folder)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.create_experiment("rnn", artifact_location=(tmp_path / "artifacts").as_uri())
+    ctx = make_ctx(tmp_path, name="release", kind="register")
+    ctx.tracking_uri, ctx.run_id = uri, client.create_run(experiment).info.run_id
+    register.run(RegisterSpec(kind="register", model=str(folder), name="tiny-rnn"), ctx)
+    port = free_port()
+    command = [sys.executable, "-m", "flows.cli", "serve", "models:/tiny-rnn@candidate", "--tracking-uri", uri,
+               "--port", str(port)]
+    with serving(command, f"http://127.0.0.1:{port}/ping", tmp_path / "serve.log", 180, cwd=REPO):
+        status, answer = post(port, json.dumps({"inputs": ["The "], "params": {"max_new_tokens": 4}}).encode())
+    assert status == 200 and answer["predictions"][0] == expected_completion(folder, "The ", 4)
