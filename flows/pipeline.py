@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 import time
 import traceback
 
@@ -79,6 +81,7 @@ def run_pipeline(spec_path: str, overrides: list[str] | None = None, force: list
     if orphans:
         get_run_logger().info(f"marked {len(orphans)} MLflow run(s) that a killed run left RUNNING as KILLED")
     stopper, results, errors, timings, started = Stopper(), {}, {}, {}, time.perf_counter()
+    previous = _stop_on_ctrl_c(stopper)
     try:
         _run_all(scheduler, loaded, client, parent, uri, stopper, results, errors, in_process, timings)
     except BaseException as err:  # Ctrl-C, or Prefect's TerminationSignal for SIGTERM and cancellation
@@ -86,6 +89,9 @@ def run_pipeline(spec_path: str, overrides: list[str] | None = None, force: list
         client.set_terminated(parent, "KILLED")
         _publish_summary(plan, scheduler, results, errors, uri, client, parent, timings, time.perf_counter() - started)
         raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
     failed = {n: e for n, e in errors.items() if not isinstance(e, StepStopped)}
     spent = _publish_summary(plan, scheduler, results, errors, uri, client, parent, timings,
                              time.perf_counter() - started)
@@ -150,6 +156,20 @@ def check_in_process(plan: list[PlannedStep]) -> None:
         if p.will_run and (p.run_on or TrainerSpec.model_validate(p.resources).world_size(len(launch.visible_gpus())) > 1):
             raise UsageError(f"--in-process runs steps in this one process; step '{p.name}' needs "
                              + ("a work pool" if p.run_on else "several processes (torchrun)"))
+
+
+def _stop_on_ctrl_c(stopper: Stopper):
+    """Ctrl-C stops the steps even when its KeyboardInterrupt lands inside a library that swallows it (seen in
+    Prefect's API client, which the flow polls for a cancel): the handler tells the stopper first, then raises as
+    Python's own does. Returns the handler it replaced (None off the main thread, where there is none to set)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def interrupted(signum, frame):
+        stopper.stop("interrupted (Ctrl-C)")
+        raise KeyboardInterrupt
+
+    return signal.signal(signal.SIGINT, interrupted)
 
 
 def _watch_for_cancel(stopper: Stopper) -> None:

@@ -192,6 +192,7 @@ def test_ctrl_c_sigterm_and_cancel_stop_the_step_and_each_rerun_resumes(tmp_path
             else:
                 proc.send_signal(getattr(signal, how))
             proc.wait(timeout=180)
+        reached = checkpoint_step(work)  # a step stops between checkpoints: the next run must pass its last one
         out = log.read_text()
         assert proc.returncode != 0, out[-3000:]
         assert attempt == 0 or "lm: resuming from" in out, out[-3000:]
