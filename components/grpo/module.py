@@ -15,8 +15,8 @@ import lightning as L
 import torch
 
 from components.grpo import core
-from components.lib.rollout import (Rollout, encode_prompts, kl_per_token, masked_mean, reference_logprobs,
-                                    response_logprobs, sample)
+from components.lib.rollout import (Rollout, encode_prompts, kl_per_token, masked_mean, minibatch_passes,
+                                    reference_logprobs, response_logprobs, sample)
 from components.lib.training import configure_optimizer
 
 
@@ -138,30 +138,16 @@ class GRPOModule(L.LightningModule):
     def update(self, roll: GroupRollout) -> dict[str, float]:
         """`epochs` passes, each reshuffled into `minibatches` optimizer steps; mean diagnostics."""
         hp = self.hparams
-        opt, sched = self.optimizers(), self.lr_schedulers()
-        totals: dict[str, float] = {}
-        n = 0
-        for epoch in range(hp.epochs):
-            order = torch.randperm(len(roll.scores), generator=self.shuffle).to(roll.scores.device)
-            parts = order.chunk(hp.minibatches)
-            # dapo: the batch's active tokens, split evenly over its optimizer steps (TRL's N·GA/S)
-            num_items = float(roll.loss_mask.sum()) / len(parts)
-            for part in parts:
-                loss, stats = self._loss(roll.select(part), num_items)
-                opt.zero_grad()
-                self.manual_backward(loss)
-                if hp.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(  # not self.clip_gradients: it refuses fused optimizers
-                        [p for g in opt.param_groups for p in g["params"] if p.grad is not None], hp.grad_clip)
-                opt.step()
-                sched.step()
-                stats = {k: float(v) for k, v in stats.items() if k != "kl"}
-                if n == 0:
-                    self.first_pass = stats
-                for k, v in stats.items():
-                    totals[k] = totals.get(k, 0.0) + v
-                n += 1
-        return {k: v / n for k, v in totals.items()}
+        # dapo: the batch's active tokens, split evenly over its optimizer steps (TRL's N·GA/S)
+        total = float(roll.loss_mask.sum())
+
+        def loss_of(sub, parts):
+            loss, stats = self._loss(sub, total / parts)
+            return loss, {k: v for k, v in stats.items() if k != "kl"}
+
+        means, self.first_pass = minibatch_passes(self, roll, hp.epochs, hp.minibatches, self.shuffle, loss_of,
+                                                  hp.grad_clip)
+        return means
 
     def training_step(self, rows: list[dict], batch_idx: int) -> torch.Tensor:
         hp = self.hparams

@@ -140,3 +140,32 @@ def reference_logprobs(policy, reference, ids: torch.Tensor, mask: torch.Tensor,
         return response_logprobs(reference, ids, mask, context, responses, temperature)[0]
     with policy.disable_adapter():
         return response_logprobs(policy, ids, mask, context, responses, temperature)[0]
+
+
+def minibatch_passes(module, roll, epochs: int, minibatches: int, generator: torch.Generator, loss_of,
+                     grad_clip: float | None) -> tuple[dict[str, float], dict[str, float]]:
+    """`epochs` passes over a rollout, each reshuffled into `minibatches` optimizer steps of a manually optimized
+    Lightning `module` (ppo, grpo); `loss_of(sub, parts)` gives (loss, stats) of one minibatch out of `parts`.
+    Returns (mean stats over every step, the first step's stats)."""
+    opt, sched = module.optimizers(), module.lr_schedulers()
+    totals: dict[str, float] = {}
+    first: dict[str, float] = {}
+    n = 0
+    for _ in range(epochs):
+        order = torch.randperm(len(roll.scores), generator=generator).to(roll.scores.device)
+        parts = order.chunk(minibatches)
+        for part in parts:
+            loss, stats = loss_of(roll.select(part), len(parts))
+            opt.zero_grad()
+            module.manual_backward(loss)
+            if grad_clip:
+                torch.nn.utils.clip_grad_norm_(  # not module.clip_gradients: it refuses fused optimizers
+                    [p for g in opt.param_groups for p in g["params"] if p.grad is not None], grad_clip)
+            opt.step()
+            sched.step()
+            stats = {k: float(v) for k, v in stats.items()}
+            first = first or stats
+            for k, v in stats.items():
+                totals[k] = totals.get(k, 0.0) + v
+            n += 1
+    return {k: v / n for k, v in totals.items()}, first

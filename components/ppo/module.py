@@ -13,7 +13,7 @@ import torch
 
 from components.ppo import core
 from components.ppo.rollout import Rollout, critic_values, response_logprobs, sample
-from components.lib.rollout import encode_prompts, reference_logprobs
+from components.lib.rollout import encode_prompts, minibatch_passes, reference_logprobs
 from components.lib.training import configure_optimizer
 
 
@@ -137,27 +137,9 @@ class PPOModule(L.LightningModule):
     def update(self, roll: Rollout) -> dict[str, float]:
         """`epochs` passes, each reshuffled into `minibatches` optimizer steps; mean diagnostics."""
         hp = self.hparams
-        opt, sched = self.optimizers(), self.lr_schedulers()
-        totals: dict[str, float] = {}
-        n = 0
-        for epoch in range(hp.epochs):
-            order = torch.randperm(len(roll.scores), generator=self.shuffle).to(roll.scores.device)
-            for part in order.chunk(hp.minibatches):
-                loss, stats = self._losses(roll.select(part))
-                opt.zero_grad()
-                self.manual_backward(loss)
-                if hp.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(  # not self.clip_gradients: it refuses fused optimizers
-                        [p for g in opt.param_groups for p in g["params"] if p.grad is not None], hp.grad_clip)
-                opt.step()
-                sched.step()
-                stats = {k: float(v) for k, v in stats.items()}
-                if epoch == 0 and n == 0:
-                    self.first_minibatch = stats
-                for k, v in stats.items():
-                    totals[k] = totals.get(k, 0.0) + v
-                n += 1
-        return {k: v / n for k, v in totals.items()}
+        means, self.first_minibatch = minibatch_passes(self, roll, hp.epochs, hp.minibatches, self.shuffle,
+                                                       lambda sub, parts: self._losses(sub), hp.grad_clip)
+        return means
 
     def training_step(self, rows: list[dict], batch_idx: int) -> torch.Tensor:
         roll, extras = self.rollout(rows)
