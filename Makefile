@@ -29,8 +29,12 @@ test: install
 ui: install
 	$(BIN)/llmcycle ui $(SPEC)
 
+# Each benchmark writes benchmarks/results/<bench>[.<variant>].json (benchmarks/record.py); the table of them
+# all follows. `make bench BENCH_ARGS=--quick` for the shortened runs; benchmarks/gpu_check.sh on a CUDA machine.
+BENCH_ARGS ?=
 bench: install
-	for b in benchmarks/bench_*.py; do $(BIN)/python $$b || exit 1; done
+	for b in benchmarks/bench_*.py; do $(BIN)/python $$b $(BENCH_ARGS) || exit 1; done
+	$(BIN)/python benchmarks/report.py
 
 figures: install
 	$(BIN)/python docs/figures.py

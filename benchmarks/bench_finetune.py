@@ -21,6 +21,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from benchmarks.record import Results  # noqa: E402
 
 
 def build_base(folder: Path, layers: int, hidden: int) -> None:
@@ -160,6 +161,15 @@ def main() -> None:
     print(f"\nLoRA vs full (ours): {lora['tokens_per_s'] / full['tokens_per_s']:.2f}x tokens/s, "
           f"{lora['peak_mb'] / full['peak_mb']:.2f}x peak memory")
     print(f"ours vs TRL SFTTrainer (LoRA): {lora['tokens_per_s'] / trl['tokens_per_s']:.2f}x tokens/s (goal >= 1.0x)")
+    results = Results(__file__, "quick" if args.quick else "")
+    results.add("real tokens/s, finetune LoRA r16", lora["tokens_per_s"], "tokens/s", "TRL `SFTTrainer`, same LoRA",
+                trl["tokens_per_s"], goal=">= 1.0", note=f"Llama {layers}x{hidden}, {steps} steps of {args.batch} "
+                "task rows")
+    results.add("real tokens/s, finetune LoRA vs full fine-tune (ours)", lora["tokens_per_s"], "tokens/s",
+                "full fine-tune", full["tokens_per_s"])
+    results.add("peak memory, finetune LoRA vs full fine-tune (ours)", lora["peak_mb"], "MB", "full fine-tune",
+                full["peak_mb"])
+    results.write()
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_reward import tiny_model  # noqa: E402
+from benchmarks.record import Results  # noqa: E402
 
 TASKS = ["copy", "count", "reverse", "larger"]
 
@@ -173,6 +174,14 @@ def main() -> None:
     total = sum(split.values())
     print(f"one iteration of ours   {total:.3f} s = generation {split['generation']:.3f} + scoring "
           f"{split['scoring']:.3f} (old and reference log-probs, entropy, rewards) + update {split['update']:.3f}")
+    results = Results(__file__, "quick" if args.quick else "")
+    results.add("completion tokens/s, grpo step", best[0], "tokens/s", "TRL `GRPOTrainer`",
+                base[0] if trl_runs else None, goal=">= 0.9",
+                note=f"Llama {layers}x{width}, {prompts} prompts x G={group} x {new_tokens} new tokens, {iterations} "
+                f"iterations, {torch.get_num_threads()} threads, best of {args.rounds}; one iteration {total:.2f} s = "
+                f"generation {split['generation']:.2f} + scoring {split['scoring']:.2f} + update "
+                f"{split['update']:.2f}" + ("" if trl_runs else f"; TRL: {runs['trl'][0]}"))
+    results.write()
 
 
 if __name__ == "__main__":

@@ -31,6 +31,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "docs"))
 from figures import Project  # noqa: E402  (runs a shipped spec as a user does, in a scratch project)
 
+sys.path.insert(0, str(REPO))
+from benchmarks.record import Results  # noqa: E402
+
 QUICK = ["steps.base.max_steps=60", "steps.base.val_every=30", "steps.sft.max_steps=40", "steps.sft.val_every=20",
          "steps.sft.data.n_per_task=40", "steps.sft.data.eval_per_task=8", "steps.rm.epochs=1",
          "steps.rm.data.n_per_task=40", "steps.ppo.iterations=4", "steps.ppo.rollouts=16",
@@ -61,9 +64,15 @@ def main() -> None:
     base = statistics.median(times["a in-process"])
     print(f"\nquickstart{' (--quick)' if args.quick else ''}, median of {args.rounds} round(s), this machine "
           f"({os.cpu_count()} cores):")
+    results = Results(__file__, "quick" if args.quick else "")
     for mode, values in times.items():
         value = statistics.median(values)
         print(f"  {mode:<30} {value:7.1f} s   {value / base:5.3f}x of (a)")
+        if not mode.startswith("a "):
+            results.add(f"quickstart wall time, {mode[2:]}", value, "s", "`--in-process`", base,
+                        goal="report" if mode.startswith("d ") else "<= 1.05",
+                        note=f"median of {args.rounds} round(s)" if mode.startswith("b ") else None)
+    results.write()
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_reward import tiny_model  # noqa: E402
+from benchmarks.record import Results  # noqa: E402
 
 
 def timed(fn, repeat: int = 1) -> tuple[float, object]:
@@ -110,6 +111,16 @@ def main() -> None:
           f"(log-probs, reference, values, reward) + update (4 epochs) {update_s:.3f}")
     print(f"TRL RLOOTrainer    one step: {rloo} s" + (f"   ratio (TRL / ours) {float(rloo) / total:.2f}x"
                                                       if not rloo.startswith("n/a") else ""))
+    results = Results(__file__, "quick" if args.quick else "")
+    results.add("tokens/s, PPO rollout sampling", gen_tokens / sample_s, "tokens/s", "plain `model.generate`",
+                gen_tokens / plain_s, goal=">= 0.9", note=f"Llama {layers}x{width}, {batch} rollouts x {new_tokens} "
+                "new tokens")
+    measured = not rloo.startswith("n/a")
+    results.add("seconds per PPO iteration (4 epochs)", total, "s", "TRL `RLOOTrainer`, one step",
+                float(rloo) if measured else None, ratio=float(rloo) / total if measured else None, goal="report",
+                note=f"generation {gen_s:.3f} + scoring {score_s:.3f} + update {update_s:.3f} s; ratio TRL / ours"
+                + ("" if measured else f"; TRL: {rloo}"))
+    results.write()
 
 
 if __name__ == "__main__":

@@ -26,6 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
+from benchmarks.record import Results  # noqa: E402
+
 VARIANTS = ["bf16", "fp16", "int8", "int4"]
 
 
@@ -101,6 +103,14 @@ def main() -> None:
               f"{m[f'{v}/ms_per_token']:>10.2f}{m[f'{v}/perplexity']:>12.2f}{ratios}"
               f"{m[f'{v}/perplexity'] / m['baseline/perplexity']:>7.3f}x")
     print("int4 is stored as bf16 on disk and quantized as it loads (components/lib/quantize.py)")
+    results = Results(__file__, "quick" if args.quick else "")
+    for v in VARIANTS:
+        note = (f"Llama {size}, {params / 1e6:.1f}M params, batch 1 greedy, best of {args.repeats}" if v == VARIANTS[0]
+                else None)
+        results.add(f"{v}: size in memory", m[f"{v}/memory_mb"], "MB", "fp32", m["baseline/memory_mb"], note=note)
+        results.add(f"{v}: ms per generated token", m[f"{v}/ms_per_token"], "ms", "fp32", m["baseline/ms_per_token"])
+        results.add(f"{v}: held-out perplexity", m[f"{v}/perplexity"], "", "fp32", m["baseline/perplexity"])
+    results.write()
 
 
 if __name__ == "__main__":

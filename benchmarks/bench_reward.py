@@ -13,6 +13,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.record import Results  # noqa: E402
+
 
 def tiny_model(folder: Path, width: int, layers: int) -> Path:
     """A random Llama over a small BPE vocabulary trained on pydoc (no downloads)."""
@@ -84,6 +86,10 @@ def main() -> None:
     print(f"{'TRL RewardTrainer':24}{theirs:12.0f}")
     if ours:
         print(f"ratio (ours / TRL): {ours / theirs:.2f}x  (goal >= 1.0x)")
+    results = Results(__file__, "quick" if args.quick else "")
+    results.add("tokens/s, reward_model training", ours, "tokens/s", "TRL `RewardTrainer`", theirs, goal=">= 1.0",
+                note=f"Llama {layers}x{width}, batch {batch} pairs, {steps} steps")
+    results.write()
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from flows.loadtest import load_test  # noqa: E402
 from flows.serve import free_port  # noqa: E402
+from benchmarks.record import Results  # noqa: E402
 
 
 def register_tiny_model(tmp: Path) -> str:
@@ -132,6 +133,16 @@ def main() -> None:
     print(f"\nthroughput b/a {b.per_second / a.per_second:.2f} (goal >= 0.9); p50 b/a {b.p50_ms / a.p50_ms:.2f}; "
           f"p99 b/a {b.p99_ms / a.p99_ms:.2f}; all answered: {a.errors == b.errors == 0}; memory under load "
           f"{b1 / b0:.3f}x; scoring server stopped with serve: {gone}")
+    results = Results(__file__, "quick" if args.quick else "")
+    results.add("requests/s, `llmcycle serve` (guard + scoring server)", b.per_second, "req/s",
+                "MLflow's scoring server alone", a.per_second, goal=">= 0.9, every request answered",
+                note=f"{args.clients} clients x {seconds:.0f} s, 1-layer Llama, 8 new tokens; errors {b.errors} vs "
+                f"{a.errors}")
+    results.add("p50 latency, `llmcycle serve`", b.p50_ms, "ms", "MLflow's scoring server alone", a.p50_ms)
+    results.add("p99 latency, `llmcycle serve`", b.p99_ms, "ms", "MLflow's scoring server alone", a.p99_ms)
+    results.add("scoring server RSS after the load, `llmcycle serve`", b1 / 2 ** 20, "MiB", "before the load",
+                b0 / 2 ** 20, goal="flat")
+    results.write()
 
 
 if __name__ == "__main__":

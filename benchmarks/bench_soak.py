@@ -25,6 +25,9 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from bench_isolation import QUICK  # noqa: E402
 from figures import Project  # noqa: E402
 
+sys.path.insert(0, str(REPO))
+from benchmarks.record import Results  # noqa: E402
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -57,6 +60,13 @@ def main() -> None:
           f"max {max(seconds):.1f}")
     print(f"  MLflow runs added: {grew} (expected {runs} x (1 parent + {steps} steps) = {runs * (1 + steps)})")
     print(f"  temporary folders left: {len(leftover_tmp)}; processes left: {len(leftover_procs)}")
+    results = Results(__file__, "quick" if args.quick else "")
+    results.add(f"wall time of the last of {runs} cached re-runs of the quickstart", seconds[-1], "s",
+                "the first re-run", seconds[0], goal="flat, nothing left behind",
+                note=f"median {statistics.median(seconds):.1f} s, min {min(seconds):.1f}, max {max(seconds):.1f}; "
+                f"{len(leftover_tmp)} temporary folders and {len(leftover_procs)} processes left; {grew} MLflow runs "
+                f"added (expected {runs * (1 + steps)})")
+    results.write()
     if grew != runs * (1 + steps) or leftover_tmp or leftover_procs:
         raise SystemExit(f"soak failed: {leftover_tmp[:3]} {leftover_procs[:3]}")
 

@@ -24,6 +24,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.record import Results  # noqa: E402
+
 MB = 1 << 20
 
 
@@ -88,7 +90,7 @@ def ours(tokenizer, corpus: Path, folder: Path) -> int:
     return sum(s["tokens"] - s["documents"] for s in meta["splits"].values())  # without the EOS per document
 
 
-def throughput(tokenizer, corpus: Path, folder: Path, repeats: int) -> None:
+def throughput(tokenizer, corpus: Path, folder: Path, repeats: int, results: Results) -> None:
     size = corpus.stat().st_size / MB
     best = {"baseline": float("inf"), "ours": float("inf")}
     for _ in range(repeats):  # alternate, keep the best of each: the machine is shared
@@ -101,6 +103,9 @@ def throughput(tokenizer, corpus: Path, folder: Path, repeats: int) -> None:
     for name, seconds in best.items():
         print(f"  {name:<9} {seconds:6.2f} s  {size / seconds:6.2f} MB/s  {tokens / seconds / 1e6:5.2f} M tokens/s")
     print(f"  ratio ours/baseline throughput: {best['baseline'] / best['ours']:.2f}x (goal >= 0.9x)")
+    results.add(f"MB/s, tokenize step encoding {size:.0f} MB", size / best["ours"], "MB/s",
+                "plain `tokenizers` `encode_batch`", size / best["baseline"], goal=">= 0.9",
+                note=f"best of {repeats}")
 
 
 def child(tokenizer_dir: str, corpus: str, out: str) -> None:
@@ -118,7 +123,7 @@ def child(tokenizer_dir: str, corpus: str, out: str) -> None:
     print(json.dumps({"before": before, "peak": peak, "seconds": time.perf_counter() - started}))
 
 
-def memory(tokenizer_dir: Path, folder: Path, sizes: list[int]) -> None:
+def memory(tokenizer_dir: Path, folder: Path, sizes: list[int], results: Results) -> None:
     peaks = {}
     for mb in sizes:
         corpus = make_corpus(folder / f"corpus-{mb}.txt", mb, seed=mb)
@@ -132,6 +137,8 @@ def memory(tokenizer_dir: Path, folder: Path, sizes: list[int]) -> None:
               f"{peaks[mb]['before']:.1f} MiB), encoded in {peaks[mb]['seconds']:.1f} s")
     small, large = peaks[sizes[0]]["peak"], peaks[sizes[-1]]["peak"]
     print(f"  peak RSS {sizes[-1]} MB / {sizes[0]} MB: {large / small:.3f}x (goal: within 1.10x)")
+    results.add(f"peak RSS encoding a {sizes[-1]} MB corpus", large, "MiB", f"the same for {sizes[0]} MB", small,
+                goal="<= 1.10 (flat)")
 
 
 def main() -> None:
@@ -145,9 +152,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-tokenize-") as tmp:
         folder = Path(tmp)
         tokenizer = train(folder)
-        throughput(tokenizer, make_corpus(folder / "throughput.txt", through_mb), folder / "through", repeats=2)
+        results = Results(__file__, "quick" if args.quick else "")
+        throughput(tokenizer, make_corpus(folder / "throughput.txt", through_mb), folder / "through", 2, results)
         print("peak memory while encoding (a fresh process per corpus):")
-        memory(folder / "tokenizer", folder, sizes)
+        memory(folder / "tokenizer", folder, sizes, results)
+        results.write()
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from components.lib.context import StepContext, StepOutput
 from components.lib.io import write_jsonl
 from components.lib.models import evaluating
 from components.lib.policy import SAMPLE_BATCH, load_policy, load_prompts
+from components.lib.decoding import Decoder, step_decoder
 from components.lib.rollout import encode_prompts, sample
 from components.lib.sheets import KEY_FILE, make_sheet, write_sheet
 from schemas.steps.collect import CollectSpec
@@ -33,8 +34,8 @@ def choose_prompts(spec: CollectSpec, ctx: StepContext, tokenizer) -> list[dict]
 
 
 @torch.no_grad()
-def sample_completions(policy, tokenizer, rows: list[dict], spec: CollectSpec,
-                       seed: int) -> tuple[list[list[str]], list[int]]:
+def sample_completions(policy, tokenizer, rows: list[dict], spec: CollectSpec, seed: int,
+                       decoder: Decoder | None = None) -> tuple[list[list[str]], list[int]]:
     """`completions` sampled completions per row (text up to the first EOS), and each one's length in tokens."""
     k = spec.completions
     repeated = [r for r in rows for _ in range(k)]
@@ -45,7 +46,7 @@ def sample_completions(policy, tokenizer, rows: list[dict], spec: CollectSpec,
             query, mask = encode_prompts(tokenizer, repeated[i:i + SAMPLE_BATCH], spec.prompts.max_length,
                                          policy.device)
             roll = sample(policy, query, mask, spec.max_new_tokens, spec.temperature, tokenizer.eos_token_id,
-                          tokenizer.pad_token_id)
+                          tokenizer.pad_token_id, decoder=decoder)
             texts += tokenizer.batch_decode(roll.responses, skip_special_tokens=True)
             lengths += roll.valid.sum(1).tolist()
     return [texts[i * k:(i + 1) * k] for i in range(len(rows))], lengths
@@ -55,7 +56,7 @@ def run(spec: CollectSpec, ctx: StepContext) -> StepOutput:
     """Load policy and prompts, sample, shuffle and anonymise, write sheet and key, log."""
     policy, tokenizer = load_policy(ctx.model_source(spec.policy))
     rows = choose_prompts(spec, ctx, tokenizer)
-    completions, lengths = sample_completions(policy, tokenizer, rows, spec, ctx.seed)
+    completions, lengths = sample_completions(policy, tokenizer, rows, spec, ctx.seed, step_decoder(ctx))
     sheet, key, duplicates = make_sheet(rows, completions, spec.mode, ctx.seed, spec.distinct)
     if not sheet:
         raise ValueError(f"collect: every prompt's {spec.completions} completions were the same text, so there is "

@@ -24,12 +24,15 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from components.lib import datasources
 from components.lib.context import StepContext, StepOutput, effort
 from components.lib.mlflow_models import log_outputs
 from components.lib.models import evaluating, load_model
 from components.lib.peft import apply_peft, save_outputs
-from components.lib.preferences import collate_pairs, encode_pairs, load_preferences
-from components.lib.training import configure_optimizer, count_parameters, fit, make_trainer, perf_metrics, total_steps
+from components.lib.packing import check_packable, pair_collate, per_sequence_sum, real_tokens
+from components.lib.preferences import encode_pairs, load_preferences
+from components.lib.training import (configure_optimizer, count_parameters, fit, make_trainer, perf_metrics,
+                                     total_steps, world_size)
 from schemas.steps.dpo import DpoSpec
 
 
@@ -56,6 +59,18 @@ def completion_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
     return (token_logps * completion_mask[:, 1:]).sum(-1)
 
 
+def batch_logps(model, batch: dict) -> torch.Tensor:
+    """`completion_logps` of each sequence of a padded batch, or of a packed one (components/lib/packing.py:
+    the per-token log-probs summed per sequence; the first token of each sequence is never a completion token)."""
+    if "sequence_index" not in batch:
+        return completion_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+    ids = batch["input_ids"]
+    logits = model(input_ids=ids, position_ids=batch["position_ids"], use_cache=False).logits[:, :-1]
+    token_logps = -F.cross_entropy(logits.float().transpose(1, 2), ids[:, 1:], reduction="none")
+    return per_sequence_sum(token_logps * batch["completion_mask"][:, 1:], batch["sequence_index"][:, 1:],
+                            len(batch["last_index"]))
+
+
 class DpoModule(L.LightningModule):
     """The policy under DPO; the reference is a frozen model, or the policy with its adapter disabled."""
 
@@ -73,14 +88,12 @@ class DpoModule(L.LightningModule):
         """Log-probs under the frozen reference (no gradient)."""
         with torch.no_grad():
             if self.reference is not None:
-                return completion_logps(self.reference, batch["input_ids"], batch["attention_mask"],
-                                        batch["completion_mask"])
+                return batch_logps(self.reference, batch)
             with self.policy.disable_adapter():
-                return completion_logps(self.policy, batch["input_ids"], batch["attention_mask"],
-                                        batch["completion_mask"])
+                return batch_logps(self.policy, batch)
 
     def pair_stats(self, batch: dict) -> dict:
-        logps = completion_logps(self.policy, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+        logps = batch_logps(self.policy, batch)
         ref = self.reference_logps(batch)
         pc, pr = logps.chunk(2)
         rc, rr = ref.chunk(2)
@@ -91,7 +104,7 @@ class DpoModule(L.LightningModule):
                 "logps/chosen": pc.mean(), "logps/rejected": pr.mean()}
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        self.tokens_in_batch = int(batch["attention_mask"].sum())
+        self.tokens_in_batch = real_tokens(batch)
         stats = self.pair_stats(batch)
         n = len(batch["score"])
         self.log("train/loss", stats["loss"], prog_bar=True, batch_size=n)
@@ -117,9 +130,7 @@ def preference_report(module: DpoModule, loader: DataLoader) -> dict[str, float]
     with evaluating(module.policy):
         for batch in loader:
             batch = {k: v.to(module.device) for k, v in batch.items()}
-            logps = completion_logps(module.policy, batch["input_ids"], batch["attention_mask"],
-                                     batch["completion_mask"])
-            pc, pr = logps.chunk(2)
+            pc, pr = batch_logps(module.policy, batch).chunk(2)
             rc, rr = module.reference_logps(batch).chunk(2)
             score = batch["score"] if module.hparams.soft_labels else None
             losses, cr, rj = dpo_loss(pc, pr, rc, rr, module.hparams.beta, score)
@@ -150,12 +161,14 @@ def run(spec: DpoSpec, ctx: StepContext) -> StepOutput:
     policy, reference, tokenizer = load_policy_and_reference(spec, ctx)
     data = spec.data
     train_rows, eval_rows = load_preferences(data, ctx.seed, ctx.resolve_path,
-                                             ctx.step(data.step).path("data") if data.step else None, tokenizer)
-    train, held = encode_pairs(train_rows, tokenizer, data.max_length), encode_pairs(eval_rows, tokenizer, data.max_length)
-    collate = lambda items: collate_pairs(items, tokenizer.pad_token_id)  # noqa: E731
-    gen = torch.Generator().manual_seed(ctx.seed)
-    train_loader = DataLoader(train, batch_size=spec.batch_size, shuffle=True, generator=gen, collate_fn=collate,
-                              drop_last=len(train) >= spec.batch_size)
+                                             lambda name: ctx.step(name).path("data"), tokenizer)
+    held = encode_pairs(eval_rows, tokenizer, data.max_length)
+    if spec.packing_spec() is not None:
+        check_packable(policy)
+    collate = pair_collate(spec, tokenizer.pad_token_id)
+    train_loader, train = datasources.training_loader(train_rows, lambda rows: encode_pairs(rows, tokenizer,
+                                                                                            data.max_length),
+                                                      spec.batch_size, ctx.seed, collate, drop_last=True)
     val_loader = DataLoader(held, batch_size=spec.batch_size, collate_fn=collate)
 
     mean_len = sum(len(it["chosen"][0]) + len(it["rejected"][0]) for it in train) / max(len(train), 1)
@@ -170,14 +183,18 @@ def run(spec: DpoSpec, ctx: StepContext) -> StepOutput:
     ctx.log_metrics(after, step=trainer.global_step)
 
     outputs = save_outputs(policy, tokenizer, ctx.out_dir, merge=spec.merged)
+    pairs = datasources.trained_rows(train_rows, trainer.global_step, spec.batch_size * spec.accumulate * world_size())
     metrics = {**after, **{f"before/{k}": v for k, v in before.items()},
                **{k: float(v) for k, v in trainer.callback_metrics.items() if k == "train/loss"},
                "train/steps": trainer.global_step, "params/trainable": trainable, "params/total": total,
-               "data/train_pairs": len(train), "data/eval_pairs": len(held), **perf_metrics(trainer)}
+               "data/train_pairs": pairs, "data/eval_pairs": len(held), **perf_metrics(trainer)}
+    if mixed := datasources.mixture_metrics(train_rows, pairs):
+        metrics.update(mixed)
+        print(f"{ctx.name}: {datasources.describe_mixture(mixed, train_rows.sources)}", flush=True)
     ctx.log_table(random.Random(ctx.seed).sample(eval_rows, min(20, len(eval_rows))), "samples/eval_pairs.json")
     log_outputs(ctx, outputs)
     print(f"{ctx.name}: held-out pairs where the policy prefers the chosen reply "
           f"{before['val/policy_prefers_chosen']:.1%} -> {after['val/policy_prefers_chosen']:.1%}; "
           f"reward accuracy {after['val/rewards/accuracy']:.1%}", flush=True)
     return StepOutput(outputs=outputs, metrics=metrics, info={"beta": spec.beta, "peft": spec.peft.method,
-                                                              "effort": effort(examples=len(train), of="pairs")})
+                                                              "effort": effort(examples=pairs, of="pairs")})

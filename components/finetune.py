@@ -1,4 +1,5 @@
-"""`finetune`: supervised fine-tuning of a causal LM, fully or parameter-efficiently, with a forgetting report.
+"""`finetune`: supervised fine-tuning of a causal LM or an encoder-decoder (T5: the prompt to the encoder, the
+completion from the decoder; components/lib/seq2seq.py), fully or parameter-efficiently, with a forgetting report.
 
 Reads: a model (step, `hf:`, path or `models:/`), instruction data (JSONL in TRL's formats, the builtin
 task mixture, or another step's `sft.jsonl`), and optionally a `tokenize` step's token files (replay and
@@ -18,7 +19,7 @@ import time
 import lightning as L
 import torch
 
-from components.lib import evaluation, scoring
+from components.lib import datasources, evaluation, scoring, seq2seq
 from components.lib.context import StepContext, StepOutput, effort
 from components.lib.io import write_json_atomic
 from components.lib.mlflow_models import log_outputs
@@ -26,9 +27,11 @@ from components.lib.models import context_length, load_model
 from components.lib.peft import quantized_base_kwargs, save_outputs, sparsity_of
 from components.lib.sft import load_rows, replay_blocks, train_sft
 from components.lib.text import pad_token, prompt_completion
+from components.lib.training import world_size
 from schemas.steps.finetune import FinetuneSpec
 
 PERPLEXITY_BATCH = 16  # windows per batch of the forgetting perplexity (`evaluation.perplexity_batches` of them)
+SHOT_POOL = 2000  # training rows a streamed source lends as few-shot examples (the first drawn)
 
 
 def run(spec: FinetuneSpec, ctx: StepContext) -> StepOutput:
@@ -37,13 +40,17 @@ def run(spec: FinetuneSpec, ctx: StepContext) -> StepOutput:
     q = spec.peft.quantize_base  # QLoRA: checked first, as it fails on a machine without CUDA
     base_kwargs = quantized_base_kwargs(q, ctx.trainer.accelerator) if q else {"dtype": torch.float32}
     data = spec.data
-    train_rows, eval_rows = load_rows(data, ctx.seed, ctx.resolve_path,
-                                      ctx.step(data.step).path("data") if data.step else None)
+    train_rows, eval_rows = load_rows(data, ctx.seed, ctx.resolve_path, lambda name: ctx.step(name).path("data"))
+    if spec.replay and isinstance(train_rows, datasources.Draws):
+        raise ValueError(f"replay adds pretraining blocks to the loaded training rows, and data is streamed (its files "
+                         f"are over {datasources.STREAM_ABOVE_MB} MB; data.stream: auto): set data.stream: false, or "
+                         "replay: 0")
     source = ctx.model_source(spec.model)
     model, tokenizer = load_model(source, **base_kwargs)
     token_dir = ctx.step(spec.tokens).path("tokens") if spec.tokens else None
     tasks = (evaluation.builtin_tasks(ctx.seed, data.eval_per_task, data.tasks) if data.builtin else
-             evaluation.tasks_from_rows(as_text(eval_rows, tokenizer), as_text(train_rows, tokenizer),
+             evaluation.tasks_from_rows(as_text(eval_rows, tokenizer),
+                                        as_text(datasources.sample(train_rows, SHOT_POOL), tokenizer),
                                         spec.evaluation.max_new_tokens)) if spec.evaluation is not None else []
     metrics: dict[str, float] = {}
     predictions: list[dict] = []
@@ -57,9 +64,15 @@ def run(spec: FinetuneSpec, ctx: StepContext) -> StepOutput:
         count = round(len(train_rows) * spec.replay / (1 - spec.replay))
         extra = replay_blocks(token_dir, count, min(data.max_length, 128), ctx.seed)
     started = time.perf_counter()
-    result = train_sft(ctx, model, tokenizer, train_rows, eval_rows, spec.peft, spec.loop(), data.max_length, extra)
+    result = train_sft(ctx, model, tokenizer, train_rows, eval_rows, spec.peft, spec.loop(), data.max_length, extra,
+                       packing=spec.packing_spec())
     metrics.update(result.metrics)
     metrics["perf/train_seconds"] = time.perf_counter() - started
+    trained = datasources.trained_rows(train_rows, int(metrics["train/steps"]),
+                                       spec.batch_size * spec.accumulate * world_size())
+    if mixed := datasources.mixture_metrics(train_rows, trained):
+        metrics.update(mixed)
+        print(f"{ctx.name}: {datasources.describe_mixture(mixed, train_rows.sources)}", flush=True)
     if spec.peft.method == "prune":
         metrics["prune/sparsity"] = sparsity_of(result.model)
     outputs = save_outputs(result.model, tokenizer, ctx.out_dir, spec.merged)
@@ -80,7 +93,7 @@ def run(spec: FinetuneSpec, ctx: StepContext) -> StepOutput:
                       info={"base_model": source, "peft_method": spec.peft.method,
                             "trainable_params": result.metrics["params/trainable"],
                             "total_params": result.metrics["params/total"],
-                            "effort": effort(examples=len(train_rows) + len(extra), of="examples")})
+                            "effort": effort(examples=trained + len(extra), of="examples")})
 
 
 def as_text(rows: list[dict], tokenizer) -> list[dict]:
@@ -99,7 +112,11 @@ def measure(model, tokenizer, tasks: list[evaluation.Task], spec: FinetuneSpec, 
         scores, rows = evaluation.score_tasks(model, tokenizer, tasks, shots, reserve=reserve)
         metrics.update(scores)
         predictions += [{"model": label, **r} for r in rows]
-    if token_dir is not None:
+    if token_dir is not None and seq2seq.is_seq2seq(model):  # on its own pretraining objective, span corruption
+        metrics["pretrain/perplexity"] = seq2seq.heldout_scores(model, tokenizer, token_dir, min(context_length(model),
+                                                                512), ev.perplexity_batches * PERPLEXITY_BATCH,
+                                                                batch_size=PERPLEXITY_BATCH).perplexity
+    elif token_dir is not None:
         windows = scoring.heldout_windows(token_dir, tokenizer, min(context_length(model), 512),
                                           ev.perplexity_batches * PERPLEXITY_BATCH)
         metrics["pretrain/perplexity"] = scoring.score_windows(model, windows, PERPLEXITY_BATCH,

@@ -1,4 +1,5 @@
-"""`register`: log a model with MLflow's transformers flavor and register it; move aliases by a metric gate.
+"""`register`: log a model with MLflow's transformers flavor (an encoder-decoder: as the pyfunc generator of
+components/lib/seq2seq_serving.py) and register it; move aliases by a metric gate.
 
 Reads: `model` (a model folder, hub id or `models:/` URI; a peft adapter is merged into its base) and the
 metrics of the steps the gate and `evidence` name. Registers: a new version of `name` in the registry of
@@ -13,7 +14,7 @@ import operator
 from dataclasses import dataclass
 
 from components.lib.context import StepContext, StepOutput
-from components.lib.mlflow_models import git_commit, pip_requirements
+from components.lib.mlflow_models import git_commit, pip_requirements, seq2seq_pyfunc
 from schemas.steps.register import Condition, Operand, RegisterSpec, parse_operand
 
 CANDIDATE = "candidate"
@@ -131,15 +132,19 @@ def log_and_register(spec: RegisterSpec, ctx: StepContext, client):
     from mlflow.exceptions import MlflowException
     from mlflow.models import infer_signature
 
-    from components.lib.models import load_model
+    from components.lib.models import load_model, save_pretrained
 
     model, tokenizer = load_model(ctx.model_source(spec.model))
     run_id = ctx.run_id or _own_run(ctx, client)
     signature = infer_signature(["a prompt"], ["a completion"], params=SERVING_PARAMS)
     with tempfile.TemporaryDirectory(dir=ctx.out_dir) as tmp:
-        mlflow.transformers.save_model({"model": model, "tokenizer": tokenizer}, f"{tmp}/model",
-                                       task="text-generation", signature=signature,
-                                       pip_requirements=pip_requirements())
+        if model.config.is_encoder_decoder:  # t5: a pyfunc generator around its folder (lib/seq2seq_serving.py)
+            mlflow.pyfunc.save_model(f"{tmp}/model", **seq2seq_pyfunc(save_pretrained(model, tokenizer,
+                                                                                     f"{tmp}/folder")))
+        else:
+            mlflow.transformers.save_model({"model": model, "tokenizer": tokenizer}, f"{tmp}/model",
+                                           task="text-generation", signature=signature,
+                                           pip_requirements=pip_requirements())
         client.log_artifacts(run_id, f"{tmp}/model", "model")
     try:
         client.create_registered_model(spec.name)

@@ -19,12 +19,15 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from components.lib import datasources
 from components.lib.context import StepContext, StepOutput, effort
 from components.lib.io import write_json_atomic
 from components.lib.models import evaluating, save_pretrained
-from components.lib.preferences import collate_pairs, collate_points, encode_pairs, encode_points, load_preferences
-from components.lib.rewards import STATS_FILE, load_reward_model, sequence_rewards
-from components.lib.training import configure_optimizer, count_parameters, fit, make_trainer, perf_metrics, total_steps
+from components.lib.preferences import collate_points, encode_pairs, encode_points, load_preferences
+from components.lib.packing import check_packable, pair_collate, real_tokens
+from components.lib.rewards import STATS_FILE, batch_rewards, load_reward_model
+from components.lib.training import (configure_optimizer, count_parameters, fit, make_trainer, perf_metrics,
+                                     total_steps, world_size)
 from schemas.peft import PeftSpec
 from schemas.steps.reward_model import RewardModelSpec
 
@@ -53,16 +56,15 @@ class RewardModule(L.LightningModule):
         self.tokens_in_batch = 0
 
     def _step(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        rewards = sequence_rewards(self.model, batch["input_ids"], batch["attention_mask"])
-        r_c, r_r = rewards.chunk(2)
+        r_c, r_r = batch_rewards(self.model, batch).chunk(2)
         p = batch["score"].to(r_c.dtype) if self.hparams.soft_labels else None
         loss = bradley_terry_loss(r_c, r_r, p, self.hparams.margin, self.hparams.center_coef)
         return loss, r_c, r_r
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        self.tokens_in_batch = int(batch["attention_mask"].sum())
+        self.tokens_in_batch = real_tokens(batch)
         if "target" in batch:  # rated completions, pointwise (data.sheet.loss: mse)
-            rewards = sequence_rewards(self.model, batch["input_ids"], batch["attention_mask"])
+            rewards = batch_rewards(self.model, batch)
             loss = F.mse_loss(rewards, batch["target"].to(rewards.dtype))
             self.log("train/loss", loss, prog_bar=True)
             return loss
@@ -87,7 +89,7 @@ def evaluate_pairs(model, loader) -> dict[str, float]:
     chosen, rejected = [], []
     with evaluating(model):
         for batch in loader:
-            r_c, r_r = sequence_rewards(model, batch["input_ids"], batch["attention_mask"]).chunk(2)
+            r_c, r_r = batch_rewards(model, batch).chunk(2)
             chosen.append(r_c)
             rejected.append(r_r)
     r_c, r_r = torch.cat(chosen), torch.cat(rejected)
@@ -103,16 +105,26 @@ def run(spec: RewardModelSpec, ctx: StepContext) -> StepOutput:
     model, tokenizer = load_reward_model(ctx.model_source(spec.model), ctx.seed)
     data = spec.data
     train_rows, eval_rows, counts = load_data(spec, ctx, tokenizer)
+    streamed = isinstance(train_rows, datasources.Draws)
+    if streamed and (spec.epochs is not None or not (spec.max_steps or spec.max_tokens)):
+        raise ValueError(f"data is streamed (a source's files total over {datasources.STREAM_ABOVE_MB} MB; "
+                         "data.stream: auto) and a stream's pairs are never counted, so epochs cannot be: give "
+                         "max_steps or max_tokens, or set data.stream: false")
     pointwise = data.sheet is not None and data.sheet.pointwise()
-    train = (encode_points if pointwise else encode_pairs)(train_rows, tokenizer, data.max_length)
+    encode = encode_points if pointwise else encode_pairs
     held = encode_pairs(eval_rows, tokenizer, data.max_length)
-    collate = lambda rows: collate_pairs(rows, tokenizer.pad_token_id)  # noqa: E731
+    collate = pair_collate(spec, tokenizer.pad_token_id)
     collate_train = (lambda rows: collate_points(rows, tokenizer.pad_token_id)) if pointwise else collate  # noqa: E731
-    gen = torch.Generator().manual_seed(ctx.seed)
-    train_loader = DataLoader(train, batch_size=spec.batch_size, shuffle=True, generator=gen, collate_fn=collate_train)
+    train_loader, train = datasources.training_loader(train_rows, lambda rows: encode(rows, tokenizer, data.max_length),
+                                                      spec.batch_size, ctx.seed, collate_train)
     eval_loader = DataLoader(held, batch_size=spec.batch_size, collate_fn=collate)
 
     model = _apply_peft(model, spec.peft)
+    if spec.packing_spec() is not None:
+        if pointwise:
+            raise ValueError("packing: rated completions trained pointwise (data.sheet.loss: mse) are not packed; "
+                             "set packing: false")
+        check_packable(model)
     per_step = spec.batch_size * spec.accumulate
     tokens_per_step = per_step * sum(map(_tokens, train)) // max(1, len(train))
     steps = total_steps(spec.loop(), tokens_per_step) if spec.epochs is None and (spec.max_steps or spec.max_tokens) \
@@ -126,25 +138,28 @@ def run(spec: RewardModelSpec, ctx: StepContext) -> StepOutput:
 
     after = evaluate_pairs(model, eval_loader)
     ctx.log_metrics({k: v for k, v in after.items() if k.startswith("val/")}, step=trainer.global_step)
+    pairs = datasources.trained_rows(train_rows, trainer.global_step, per_step * world_size())
     metrics = {**after, **{f"before/{k}": v for k, v in before.items() if k.startswith("val/")},
                **{k: float(v) for k, v in trainer.callback_metrics.items() if k in ("train/loss", "train/accuracy")},
                "train/steps": trainer.global_step, "params/trainable": trainable, "params/total": total,
-               "data/train_ratings" if pointwise else "data/train_pairs": len(train), "data/eval_pairs": len(held),
-               **counts, **perf_metrics(trainer)}
+               "data/train_ratings" if pointwise else "data/train_pairs": pairs, "data/eval_pairs": len(held),
+               **counts, **datasources.mixture_metrics(train_rows, pairs), **perf_metrics(trainer)}
+    if data.mixture:
+        print(f"{ctx.name}: {datasources.describe_mixture(metrics, train_rows.sources)}", flush=True)
     folder = save_reward_model(model, tokenizer, ctx.out_dir / "model", metrics)
     _log(ctx, folder, eval_rows, model, eval_loader)
     print(f"{ctx.name}: held-out pairwise accuracy {before['val/accuracy']:.3f} -> {after['val/accuracy']:.3f}",
           flush=True)
     return StepOutput(outputs={"reward_model": "model", "tokenizer": "model"}, metrics=metrics,
                       info={"reference_mean": metrics["reward/reference_mean"], "reward_std": metrics["reward/std"],
-                            "effort": effort(examples=len(train), of="ratings" if pointwise else "pairs")})
+                            "effort": effort(examples=pairs, of="ratings" if pointwise else "pairs")})
 
 
 def load_data(spec: RewardModelSpec, ctx: StepContext, tokenizer) -> tuple[list[dict], list[dict], dict]:
     """(training rows, held-out pairs, the sheet's data/ counts): preference pairs, or a filled sheet's labels."""
     data = spec.data
     if data.sheet is None:
-        step_data = ctx.step(data.step).path("data") if data.step else None
+        step_data = lambda name: ctx.step(name).path("data")  # noqa: E731
         return (*load_preferences(data, ctx.seed, ctx.resolve_path, step_data, tokenizer), {})
     from components.lib.io import expand
     from components.lib.sheets import load_sheet
@@ -194,7 +209,7 @@ def _log(ctx: StepContext, folder: Path, rows: list[dict], model, loader) -> Non
     if ctx.run_id is None:
         return
     with torch.no_grad():
-        rewards = torch.cat([torch.stack(sequence_rewards(model, b["input_ids"], b["attention_mask"]).chunk(2), 1)
+        rewards = torch.cat([torch.stack(batch_rewards(model, b).chunk(2), 1)
                              for b in loader])
     table = [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"],
               "r_chosen": float(x[0]), "r_rejected": float(x[1])} for r, x in zip(rows[:50], rewards[:50])]

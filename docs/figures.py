@@ -7,6 +7,7 @@ the code. The specs run as a user runs them (`llmcycle run`, embedded defaults) 
     .venv/bin/python docs/figures.py                        # all of them (about 15 minutes on 2 cores)
     .venv/bin/python docs/figures.py --only quickstart      # one group: quickstart, ledger, monitor, constitutional, peft-zoo
     .venv/bin/python docs/figures.py --only metrics         # the metric table (schemas/metrics.py), instantly
+    .venv/bin/python docs/figures.py --only benchmarks      # the benchmark table (benchmarks/results/), instantly
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 README = REPO / "README.md"
-GROUPS = ("metrics", "quickstart", "ledger", "monitor", "constitutional", "peft-zoo")
+GROUPS = ("metrics", "quickstart", "ledger", "monitor", "constitutional", "peft-zoo", "benchmarks")
 
 
 class Project:
@@ -64,6 +65,13 @@ def metrics(p: Project) -> str:
     from schemas.metrics import table
 
     return table()
+
+
+def benchmark_table(p: Project) -> str:
+    """The benchmark table, from the committed results files the benchmarks wrote (`make bench`); reruns nothing."""
+    from benchmarks import record, report
+
+    return report.markdown(record.read(record.RESULTS))
 
 
 def quickstart(p: Project) -> str:
@@ -207,7 +215,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", action="append", choices=GROUPS, help="rerun only these groups (repeatable)")
     args = parser.parse_args()
-    makers = {"metrics": metrics, "quickstart": quickstart, "ledger": ledger, "monitor": monitor, "constitutional": constitutional, "peft-zoo": peft_zoo}
+    makers = {"metrics": metrics, "benchmarks": benchmark_table, "quickstart": quickstart, "ledger": ledger, "monitor": monitor, "constitutional": constitutional, "peft-zoo": peft_zoo}
     with tempfile.TemporaryDirectory(prefix="llmcycle-figures-") as tmp:
         project = Project(Path(tmp))
         text = README.read_text()

@@ -6,6 +6,9 @@ adds what its models computed (components/lib/meter.py). What a step does not kn
 ledger.json, "-" in the tables. Outputs made before llmcycle kept `effort` fall back to the metrics
 `train/tokens` and `train/flops`, where the step reported them.
 
+Each step's wall time is also split into start-up, data, compute and logging (components/lib/phases.py says
+what each covers), shown in a second table, "where the time goes", when some step of the run reported it.
+
 The pipeline publishes the ledger on its parent MLflow run (ledger.json, ledger.md) and in its Prefect table
 artifact; `llmcycle run` prints it at the end.
 """
@@ -27,10 +30,21 @@ COLUMNS = {
     "params_total": "parameters of its model (params/total, else its largest model)",
     "examples": "items it trained on, each counted once; `examples_of` says what they are",
     "labels": "preference labels it produced",
+    "launch_seconds": "from the engine beginning the step (its task) to the step's process starting its work: the "
+                      "lock, the MLflow run, the fork or torchrun start; part of startup_seconds",
+    "startup_seconds": "of its task's time (launch + wall): the launch, reading the spec, building the context, "
+                       "importing the component, building and loading models (components/lib/phases.py)",
+    "data_seconds": "of its task's time: checking the data files' rows, Lightning's data fetching and DataModule hooks",
+    "compute_seconds": "of its task's time: the rest (its training, evaluation and generation loops)",
+    "logging_seconds": "of its task's time: MLflow calls, writing models, logging them to MLflow, checkpoints",
 }
+PHASES = ("startup", "data", "compute", "logging")  # components/lib/phases.py
+PHASE_HEADERS = ("step", "task", *PHASES)
+PHASE_TITLE = "where the time goes (task: the step's launch + its wall time; startup includes the launch)"
 WORKED = ("ran", "failed", "stopped")  # the statuses whose figures were spent in this run
 STATUSES = (*WORKED, "cached", "skipped")
-SUMMED = ("seconds", "tokens", "train_tokens", "inference_tokens", "flops", "labels")
+SUMMED = ("seconds", "tokens", "train_tokens", "inference_tokens", "flops", "labels", "launch_seconds",
+          *(f"{p}_seconds" for p in PHASES))
 HEADERS = ("step", "kind", "status", "wall", "tokens", "FLOPs", "trainable", "params", "examples", "labels")
 
 
@@ -49,6 +63,8 @@ class Entry:
 def row(entry: Entry) -> dict:
     """The ledger row of one step; None where the step does not know a figure."""
     m, effort = entry.metrics, entry.info.get("effort", {})
+    if "sweep" in entry.info:  # a sweep's selection repeats its chosen variant's metrics: counted on that row
+        m, effort = {}, {}
     models = effort.get("models") or []
     train = sum(x["train_tokens"] for x in models) if models else None
     inference = sum(x["inference_tokens"] for x in models) if models else None
@@ -63,11 +79,14 @@ def row(entry: Entry) -> dict:
     own = m.get("time/seconds")
     seconds = {"ran": own if own is not None else entry.seconds, "cached": 0.0, "skipped": None}.get(
         entry.status, entry.seconds)
+    split = entry.info.get("phases") if entry.status == "ran" else None  # what this run spent, by phase
     return {"step": entry.name, "kind": entry.kind, "status": entry.status, "seconds": seconds,
             "original_seconds": own if entry.status == "cached" else None, "tokens": _int(tokens),
             "train_tokens": train, "inference_tokens": inference, "flops": flops,
             "params_trainable": _int(trainable), "params_total": _int(total), "examples": effort.get("examples"),
-            "examples_of": effort.get("examples_of"), "labels": effort.get("labels")}
+            "examples_of": effort.get("examples_of"), "labels": effort.get("labels"),
+            "launch_seconds": split.get("launch", 0.0) if split else None,
+            **{f"{p}_seconds": split.get(p) if split else None for p in PHASES}}
 
 
 def total(rows: list[dict], with_cached: bool = False) -> dict:
@@ -112,7 +131,7 @@ def text(ledger: dict) -> str:
     lines = ["  ".join(c[h].ljust(width[h]) if h in left else c[h].rjust(width[h]) for h in HEADERS).rstrip()
              for c in table]
     lines.insert(len(ledger["rows"]) + 1, "-" * len(lines[0]))
-    return "\n".join(lines + _notes(ledger))
+    return "\n".join(lines + _notes(ledger) + _phase_lines(ledger))
 
 
 def markdown(ledger: dict) -> str:
@@ -123,7 +142,46 @@ def markdown(ledger: dict) -> str:
         lines.append("| " + " | ".join(cells(r).values()) + " |")
     for t in totals(ledger):
         lines.append("| " + " | ".join(f"**{v}**" if h == "step" else v for h, v in cells(t).items()) + " |")
+    phased = _phased(ledger)
+    if phased:
+        lines += ["", PHASE_TITLE, "", "| " + " | ".join(PHASE_HEADERS) + " |",
+                  "|---|" + "--:|" * (len(PHASE_HEADERS) - 1)]
+        lines += ["| " + " | ".join(f"**{v}**" if h == "step" and r is phased[-1] else v
+                                    for h, v in phase_cells(r).items()) + " |" for r in phased]
     return "\n\n".join(["\n".join(lines), *_notes(ledger)]) + "\n"
+
+
+def _phased(ledger: dict) -> list[dict]:
+    """The rows that know their split of time, and the run's total, when any does."""
+    rows = [r for r in ledger["rows"] if r.get("compute_seconds") is not None]
+    if not rows:
+        return []
+    keys = ("seconds", "launch_seconds", *(f"{p}_seconds" for p in PHASES))
+    return rows + [{"step": "total", **{k: sum(r[k] or 0.0 for r in rows) for k in keys}}]
+
+
+def phase_cells(r: dict) -> dict[str, str]:
+    """A row's split of time as the tables show it, keyed by PHASE_HEADERS: `12.3 s 45%` per phase."""
+    wall = (r.get("seconds") or 0.0) + (r.get("launch_seconds") or 0.0)  # the task: its launch and its wall time
+    out = {"step": r["step"], "task": duration(wall)}
+    for p in PHASES:
+        value = r.get(f"{p}_seconds")
+        share = f" {100 * value / wall:.0f}%" if value is not None and wall else ""
+        out[p] = duration(value) + share
+    return out
+
+
+def _phase_lines(ledger: dict) -> list[str]:
+    """The "where the time goes" table for the terminal (nothing when no step reported its split)."""
+    phased = _phased(ledger)
+    if not phased:
+        return []
+    table = [dict(zip(PHASE_HEADERS, PHASE_HEADERS))] + [phase_cells(r) for r in phased]
+    width = {h: max(len(c[h]) for c in table) for h in PHASE_HEADERS}
+    lines = ["  ".join(c[h].ljust(width[h]) if h == "step" else c[h].rjust(width[h]) for h in PHASE_HEADERS)
+             for c in table]
+    lines.insert(len(phased), "-" * len(lines[0]))
+    return ["", PHASE_TITLE, *lines]
 
 
 def _notes(ledger: dict) -> list[str]:

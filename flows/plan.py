@@ -15,6 +15,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from flows import sweeps
 from flows.integrity import RESULT_FILE, damage, sha256
 from schemas import LoadedSpec, dependencies, step_order
 from schemas.base import StepSpec
@@ -43,6 +44,8 @@ class PlannedStep:
     extra: dict = field(default_factory=dict)  # kind-specific planning facts (e.g. compute-optimal sizing)
     resources: dict = field(default_factory=dict)  # the merged trainer settings (schemas.resources.TrainerSpec)
     run_on: dict | None = None  # a Prefect work pool to run on, or None for beside the flow
+    variant: dict | None = None  # a sweep's variant: its step, label, settings, trial (flows/sweeps.py)
+    sweep: dict | None = None  # a swept step: its variants and how one is chosen (flows/sweeps.py)
 
     @property
     def will_run(self) -> bool:
@@ -67,20 +70,26 @@ class PlannedStep:
         return out
 
 
+def folder(name: str) -> str:
+    """A step's folder under the workdir: its name, a sweep variant's `base[lr=0.1]` as `base@lr=0.1` (brackets
+    in a path are patterns to glob)."""
+    return name.replace("[", "@").replace("]", "")
+
+
 def step_dir(workdir: Path, name: str, fingerprint: str) -> Path:
-    return workdir / name / fingerprint[:12]
+    return workdir / folder(name) / fingerprint[:12]
 
 
 def checkpoint_dir(workdir: Path, name: str, fingerprint: str) -> Path:
     """Checkpoints live beside the output, keyed by the same fingerprint, so a resume never crosses configs."""
-    return workdir / name / f".ckpt-{fingerprint[:12]}"
+    return workdir / folder(name) / f".ckpt-{fingerprint[:12]}"
 
 
 def run_dir(workdir: Path, name: str, fingerprint: str) -> Path:
     """The engine's own files for this fingerprint: `lock` (held while a run works on the step), `step.log`,
     `step.request.json`, `error.json` (why the last attempt failed) and `launch.json` (how the nodes of a
     multi-node step find its MLflow run)."""
-    return workdir / name / f".run-{fingerprint[:12]}"
+    return workdir / folder(name) / f".run-{fingerprint[:12]}"
 
 
 def make_plan(loaded: LoadedSpec, force: list[str] | None = None, only: list[str] | None = None) -> list[PlannedStep]:
@@ -98,21 +107,23 @@ def make_plan(loaded: LoadedSpec, force: list[str] | None = None, only: list[str
         payload = {
             "code": CODE_VERSION,
             "kind": step.kind,
-            "spec": {k: v for k, v in redacted["steps"][name].items() if k not in ("trainer", "run_on")},
+            "spec": {k: v for k, v in redacted["steps"][name].items() if k not in ("trainer", "run_on", "sweep")},
             "seed": spec.seed,
             "trainer": {k: v for k, v in resources.items() if k not in PLACEMENT_FIELDS},
             "upstream": {d: prints[d] for d in deps},
             "inputs": input_identity(step, loaded.base_dir),
         }
+        payload = sweeps.payload(spec, name, payload)
         fp = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
         prints[name] = fp
         out = step_dir(loaded.workdir, name, fp)
         damaged = damage(out) if (out / RESULT_FILE).is_file() else ""
         extra = {**_plan_extra(step), **({"damaged": f"{damaged}; it runs again"} if damaged else {})}
-        plan.append(PlannedStep(name=name, kind=step.kind, deps=deps, fingerprint=fp, output_dir=out,
-                                cached=(out / RESULT_FILE).is_file() and not damaged, selected=name in wanted,
-                                forced=name in (force or []), extra=extra, resources=resources,
-                                run_on=step.run_on.model_dump(mode="json") if step.run_on else None))
+        planned = PlannedStep(name=name, kind=step.kind, deps=deps, fingerprint=fp, output_dir=out,
+                              cached=(out / RESULT_FILE).is_file() and not damaged, selected=name in wanted,
+                              forced=name in (force or []), extra=extra, resources=resources,
+                              run_on=step.run_on.model_dump(mode="json") if step.run_on else None)
+        plan.append(sweeps.planned(loaded, planned, prints))
     return plan
 
 

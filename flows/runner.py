@@ -14,7 +14,7 @@ from pathlib import Path
 import schemas
 from components.lib.context import StepResult
 from components.lib.io import write_json_atomic
-from flows import integrity, launch, tracking
+from flows import integrity, launch, sweeps, tracking
 from flows.plan import RESULT_FILE, PlannedStep, run_dir
 from flows.step import StepRequest
 
@@ -100,7 +100,8 @@ def request_for(planned: PlannedStep, loaded: schemas.LoadedSpec, upstream: dict
                        kind=planned.kind, fingerprint=planned.fingerprint, output_dir=str(planned.output_dir),
                        workdir=str(loaded.workdir), resources=planned.resources,
                        tracking_uri="" if tracking.holds_secret(loaded) else uri,
-                       upstream={n: {**r.to_json(), "dir": str(r.dir)} for n, r in upstream.items()}, **fields)
+                       upstream={n: {**r.to_json(), "dir": str(r.dir)} for n, r in upstream.items()},
+                       **sweeps.request_fields(planned), **fields)
 
 
 def join(planned: PlannedStep, loaded: schemas.LoadedSpec, upstream: dict[str, StepResult], uri: str,
@@ -120,6 +121,9 @@ def execute_step(planned: PlannedStep, loaded: schemas.LoadedSpec, upstream: dic
     `lock`: the step's lock, already held by the caller; by default it is claimed here: another run that holds
     it is waited for (and its output reused), or, for a multi-node step, joined as a further node.
     """
+    if getattr(planned, "sweep", None) is not None:  # a swept step only picks among its variants' results, here in the flow
+        return sweeps.select(planned, loaded, upstream, client, parent_run_id, on_line)
+    began = time.time()  # the step's start-up in the ledger counts from here (components/lib/phases.py)
     folder = run_dir(loaded.workdir, planned.name, planned.fingerprint)
     folder.mkdir(parents=True, exist_ok=True)
     record = folder / "launch.json"
@@ -137,15 +141,19 @@ def execute_step(planned: PlannedStep, loaded: schemas.LoadedSpec, upstream: dic
         if damaged:
             on_line(f"{planned.name}: its output is damaged ({damaged}); running the step again")
         reuse = (planned.output_dir / RESULT_FILE).is_file() and not damaged and not planned.forced
+        if sweeps.is_trial(planned):  # its settings, from the Optuna study (under the lock: asked once)
+            sweeps.ask(loaded, planned, reuse)
         run_id = tracking.start_step_run(loaded, client, parent_run_id, planned, cached=reuse)
         if reuse:
             result = StepResult.read(planned.output_dir)
             result.reused = True  # planned as cached, or made a moment ago by another run of the spec
+            if sweeps.is_trial(planned):
+                sweeps.tell(loaded, planned, result, on_line)  # a run stopped between its output and the tell
             tracking.finish_step_run(client, run_id, "ok", result.metrics)
             on_line(f"{planned.name}: complete output found in {planned.output_dir}, skipped")
             return result
         request = request_for(planned, loaded, upstream, uri, run_id=run_id, cuda_devices=cuda_devices,
-                              cpu_threads=cpu_threads)
+                              cpu_threads=cpu_threads, launched_at=began)
         if multi_node:  # while it exists, the other nodes join (`llmcycle step`, or a pipeline that needs it)
             write_json_atomic(record, {"run_id": run_id})
         try:
@@ -159,6 +167,8 @@ def execute_step(planned: PlannedStep, loaded: schemas.LoadedSpec, upstream: dic
             outcome = launch.Outcome("failed", f"{err.strerror or err} ({err.filename or planned.output_dir})"
                                      + launch.disk_hint(planned.output_dir))
         result = StepResult.read(planned.output_dir) if outcome.ok else None
+        if result is not None and sweeps.is_trial(planned):
+            sweeps.tell(loaded, planned, result, on_line)
         tracking.finish_step_run(client, run_id, outcome.status, result.metrics if result else None,
                                  error=outcome.message, log=request.log_path, trace=outcome.trace)
     finally:

@@ -96,8 +96,8 @@ class Scheduler:
 
     def claim(self, step) -> list[str] | None:
         """The devices for the step, or None while they are busy."""
-        if step.run_on is not None or step.cached and not step.forced:
-            return []  # runs elsewhere, or only reads its complete output
+        if step.run_on is not None or step.cached and not step.forced or getattr(step, "sweep", None):
+            return []  # runs elsewhere, or only reads complete outputs (its own, or a sweep's variants')
         need, shared = self.needs(step), self._resources(step).share_devices
         if need == 0:
             return [CPU] if self._free(CPU, shared) else None

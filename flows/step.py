@@ -43,6 +43,9 @@ class StepRequest:
     cuda_devices: str | None = None  # CUDA_VISIBLE_DEVICES of this step's device claim
     cpu_threads: int | None = None  # torch threads when the step shares the CPU with others
     log_file: str = "step.log"  # in the step's run folder; each further node of a multi-node step has its own
+    launched_at: float | None = None  # time.time() when the engine began the step: the ledger's start-up includes it
+    sets: dict = field(default_factory=dict)  # an Optuna trial's settings (dotted path -> value): flows/sweeps.py
+    trial: dict | None = None  # where a trial reports its pruning metric (components/lib/trials.py)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -101,24 +104,33 @@ def execute(request: StepRequest, own_process: bool = True) -> int:
             torch.set_num_threads(request.cpu_threads)
     if rank != 0:  # one rank speaks for the step; the others' errors still reach stderr
         sys.stdout = open(os.devnull, "w")
+    # the engine's lock, MLflow run and the process start, up to here (another machine's clock may differ: >= 0)
+    launch = max(0.0, time.time() - request.launched_at) if request.launched_at else 0.0
     tmp = _work_dir(request, rank)
     started = time.perf_counter()
+    from components.lib import phases
+
+    phases.reset()  # the step's wall time split into start-up, data, compute, logging (flows/ledger.py)
     try:
-        from components.lib import meter
+        with phases.charge("startup"):
+            from components.lib import meter
 
-        meter.reset()  # a step in this process before (--in-process) or the fork server's state
-        ctx, step_spec = _context(request, tmp, rank)
-        from schemas.rows import check_data
+            meter.reset()  # a step in this process before (--in-process) or the fork server's state
+            ctx, step_spec = _context(request, tmp, rank)
+        with phases.charge("data"):
+            from schemas.rows import check_data
 
-        check_data(step_spec, ctx.resolve_path)  # every row of every data file, before a model is built
-        import importlib
+            check_data(step_spec, ctx.resolve_path)  # every row of every data file, before a model is built
+        with phases.charge("startup"):
+            import importlib
 
-        output = importlib.import_module(f"components.{request.kind}").run(step_spec, ctx)
+            component = importlib.import_module(f"components.{request.kind}")
+        output = component.run(step_spec, ctx)
         if rank == 0:
             check_outputs(request, step_spec, output, ctx.out_dir)
         _barrier()  # no rank still uses the checkpoint folder that rank 0 is about to remove
         if rank == 0:
-            _finalize(request, ctx, output, started)
+            _finalize(request, ctx, output, started, launch)
         _barrier()
         return 0
     except (Stopped, KeyboardInterrupt) as err:
@@ -166,11 +178,16 @@ def _context(request: StepRequest, tmp: Path, rank: int):
                       ckpt_dir=request.ckpt_dir, base_dir=loaded.base_dir, workdir=Path(request.workdir),
                       seed=loaded.spec.seed, trainer=TrainerSpec.model_validate(request.resources),
                       upstream=upstream, pipeline_name=loaded.spec.name, run_id=run_id,
-                      tracking_uri=request.tracking_uri or tracking_uri(loaded))
+                      tracking_uri=request.tracking_uri or tracking_uri(loaded), trial=request.trial)
     if rank == 0:
         ctx.set_tags({"llmcycle.pid": os.getpid(), "llmcycle.host": socket.gethostname(),
                       "llmcycle.world_size": os.environ.get("WORLD_SIZE", "1")})
-    return ctx, loaded.spec.steps[request.name]
+    step = loaded.spec.steps[request.name]
+    if request.sets:
+        from schemas.variants import with_sets
+
+        step = with_sets(step, request.sets)
+    return ctx, step
 
 
 def _trust_code(loaded) -> None:
@@ -205,9 +222,9 @@ def check_outputs(request: StepRequest, step_spec, output, folder: Path) -> None
             + " (a bug in llmcycle: please report it)")
 
 
-def _finalize(request: StepRequest, ctx, output, started: float) -> None:
+def _finalize(request: StepRequest, ctx, output, started: float, launch: float = 0.0) -> None:
     """result.json last inside the temporary folder, then one rename puts the output in place."""
-    from components.lib import meter
+    from components.lib import meter, phases
     from components.lib.context import StepResult, finite_metrics
     from components.lib.io import write_json_atomic
     from flows import integrity
@@ -215,7 +232,8 @@ def _finalize(request: StepRequest, ctx, output, started: float) -> None:
 
     metrics = finite_metrics(output.metrics)
     metrics.setdefault("time/seconds", round(time.perf_counter() - started, 3))
-    info = {**output.info, "effort": {**output.info.get("effort", {}), "models": meter.measured()}}  # flows/ledger.py
+    info = {**output.info, "effort": {**output.info.get("effort", {}), "models": meter.measured()},  # flows/ledger.py
+            "phases": phases.spent(metrics["time/seconds"], launch)}
     final = Path(request.output_dir)
     result = StepResult(name=request.name, kind=request.kind, fingerprint=request.fingerprint, dir=final,
                         outputs=output.outputs, metrics=metrics, info=info)

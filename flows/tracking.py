@@ -146,14 +146,24 @@ def start_parent_run(loaded: LoadedSpec, client, experiment: str, flow_run_id: s
 
 
 def start_step_run(loaded: LoadedSpec, client, parent_run_id: str, planned, cached: bool) -> str:
-    """A nested run for one step: its settings as params, where its output goes as tags."""
+    """A nested run for one step: its settings as params, where its output goes as tags (a sweep's variants: the
+    swept step and the variant's label, which the swept step's run later groups: flows/sweeps.py)."""
+    from flows import sweeps
+
+    variant, swept = getattr(planned, "variant", None), getattr(planned, "sweep", None)
     run = client.create_run(
-        client.get_run(parent_run_id).info.experiment_id, run_name=planned.name,
+        client.get_run(parent_run_id).info.experiment_id, run_name=sweeps.run_name(planned),
         tags={"mlflow.parentRunId": parent_run_id, "llmcycle.kind": planned.kind, "llmcycle.step": planned.name,
               "llmcycle.fingerprint": planned.fingerprint, "llmcycle.cached": "yes" if cached else "no",
               "llmcycle.output_dir": str(planned.output_dir), **launcher_tags(),
-              **({"llmcycle.work_pool": planned.run_on["work_pool"]} if planned.run_on and not cached else {})})
+              **({"llmcycle.work_pool": planned.run_on["work_pool"]} if planned.run_on and not cached else {}),
+              **({"llmcycle.sweep": variant["of"], "llmcycle.variant": variant["label"]} if variant else {}),
+              **({"llmcycle.sweep.variants": str(len(swept["variants"]))} if swept else {})})
     step = loaded.redacted()["steps"][planned.name]
+    if sweeps.is_trial(planned):
+        step = sweeps.applied(step, planned.variant["sets"])
+    if swept:  # its own settings are the variants' (each run shows its own); the sweep is what it adds
+        step = {"kind": step["kind"], "sweep": step["sweep"]}
     log_params(client, run.info.run_id, flatten({**step, "resources": planned.resources}))
     return run.info.run_id
 

@@ -10,6 +10,7 @@ from pydantic import BaseModel, Field, model_validator
 
 from .resources import RunOnSpec, TrainerSpec
 from .section import Section
+from .sweep import SweepSpec
 
 EXTERNAL_PREFIXES = ("hf:", "./", "../", "/", "models:/")
 
@@ -20,14 +21,22 @@ class Ref:
 
     With `external=True` the string may instead be an external model: `hf:ID`, `./path`, `../path`,
     `/path` or `models:/name@alias`; a bare name is always a step. `causal=True`: the model must be a
-    causal LM (a masked one cannot generate or be fine-tuned as one). `heldout=True`: the field reads the
+    causal LM (a masked one cannot generate or be fine-tuned as one); with `seq2seq=True` too, an encoder-decoder
+    (t5) also fits: it generates from a prompt as well. `heldout=True`: the field reads the
     tokenize step's held-out (`val`) split, so that step must hold documents out (`val_fraction > 0`).
+    `all_variants=True` (on a list of names): a swept step's name in the list stands for all its variants, which
+    take its place when the spec loads (schemas/sweep.py); any other reference to a swept step reads the variant
+    its `sweep.select` chooses. `kinds`: when given, the step must be of one of these kinds (for what it reports,
+    not only what it writes).
     """
 
     output: str
     external: bool = False
     causal: bool = False
     heldout: bool = False
+    seq2seq: bool = False
+    all_variants: bool = False
+    kinds: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -59,6 +68,9 @@ ModelRef = Annotated[str, Ref("model", external=True),
 CausalModelRef = Annotated[str, Ref("model", external=True, causal=True),
                            Field(description="A step that produced a causal LM, or `hf:ID`, `./path`, `/path`, "
                                              "`models:/name@alias`.")]
+GenerativeModelRef = Annotated[str, Ref("model", external=True, causal=True, seq2seq=True),
+                               Field(description="A step that produced a causal LM or an encoder-decoder (t5), or "
+                                                 "`hf:ID`, `./path`, `/path`, `models:/name@alias`.")]
 
 
 def is_external(value: str) -> bool:
@@ -77,6 +89,9 @@ class StepSpec(Section):
     """This step's changes to the pipeline's `trainer:` (devices, accelerator, strategy, precision, ...)."""
     run_on: RunOnSpec | None = None
     """Run this step on a Prefect work pool instead of beside the flow (the workdir must be shared)."""
+    sweep: SweepSpec | None = None
+    """Run this step as many variants (a grid, a list, an Optuna search), each a step of its own; `select` picks the
+    one a reference to this step reads."""
 
     def step_references(self) -> Iterator[tuple[tuple, str, Ref]]:
         """Yield (field path, step name, Ref) for every reference to another step."""

@@ -10,7 +10,10 @@
   (schemas/metrics.py). (monitor's `validation_perplexity` names a tag of a registered version, which
   another pipeline may have written, so it is checked when the tag is read.)
 - A field that reads a tokenize step's held-out split names one that holds documents out.
-- A distill step's teacher and student were trained on its tokenize step's tokenizer, where the pipeline shows it.
+- A distill step's teacher and student were trained on its tokenize step's tokenizer, where the pipeline shows it;
+  the runs a scaling step fits were all trained on one tokenize step, and are pretrain steps (`Ref.kinds`).
+- An `evaluate` step's `attention` reads a model that has attention (not an mlp, rnn or lstm), where the pipeline
+  shows the model's family.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from .base import StepSpec, is_external
 from .errors import Problem, did_you_mean
 from .loader import Document
 from .metrics import emits, emitted
+from .steps.pretrain import SEQ2SEQ_FAMILIES
 
 MODEL_FIELDS = ("model", "policy", "init_from")  # the fields through which a step's model descends from another
 
@@ -29,7 +33,8 @@ def fill_implied(spec: Any, doc: Document) -> list[Problem]:
     """Give an `evaluate` with nothing to measure the held-out tokens of its model's chain (or report it)."""
     problems = []
     for name, step in spec.steps.items():
-        if step.kind != "evaluate" or any((step.tokens, step.texts, step.tasks, step.generation, step.embeddings)):
+        if step.kind != "evaluate" or any((step.tokens, step.texts, step.tasks, step.generation, step.embeddings,
+                                           step.attention)):
             continue
         found = heldout_tokens(spec.steps, step.model)
         if found is None or spec.steps[found].val_fraction == 0:
@@ -75,21 +80,55 @@ def output_problem(doc: Document, where: tuple, target: str, steps: dict, ref, h
     if heldout and step.kind == "tokenize" and step.val_fraction == 0:
         return doc.problem(where, f"this reads the held-out split of step '{target}', which holds no documents out "
                            "(val_fraction: 0); give it a val_fraction above 0")
+    if ref.kinds and step.kind not in ref.kinds:
+        able = [n for n, s in steps.items() if s is not None and s.kind in ref.kinds]
+        return doc.problem(where, f"step '{target}' is a {step.kind} step; this field takes {' or '.join(ref.kinds)} "
+                           "steps" + (f" ({', '.join(able)} in this pipeline)" if able else ""))
     if ref.output != "*" and ref.output not in step.outputs():
         why = step.why_no(ref.output)
         able = [n for n, s in steps.items() if s is not None and ref.output in s.outputs()]
         return doc.problem(where, f"step '{target}' ({step.kind}) writes no {ref.output}"
                            + (f": {why}" if why else "") + f"; it writes {', '.join(sorted(step.outputs())) or 'nothing'}"
                            + (f"; steps that write one: {', '.join(able)}" if able else ""))
-    if ref.causal and causal(steps, target) is False:
+    seq2seq = ref.causal and model_family(steps, target) in SEQ2SEQ_FAMILIES
+    if seq2seq and not ref.seq2seq:
+        return doc.problem(where, f"step '{target}' ({step.kind}) makes an encoder-decoder (t5); this field needs a "
+                           "causal LM")
+    if ref.causal and not seq2seq and causal(steps, target) is False:
         return doc.problem(where, f"step '{target}' ({step.kind}) makes a masked LM; this field needs a causal LM")
     return None
 
 
+def model_family(steps: dict[str, StepSpec], ref: str, seen: frozenset = frozenset()) -> str | None:
+    """The `model.family` the model of `ref` was built with (through the steps it descends from), if known."""
+    step = steps.get(ref) if isinstance(ref, str) and not is_external(ref) else None
+    if step is None or ref in seen:
+        return None
+    built = {"pretrain": "model", "distill": "student"}.get(step.kind)
+    if built and hasattr(getattr(step, built), "family"):
+        return getattr(step, built).family
+    return next((found for f in (*MODEL_FIELDS, "student") if (found := model_family(steps, getattr(step, f, None),
+                                                                                        seen | {ref}))), None)
+
+
+def attention_problems(spec: Any, doc: Document) -> list[Problem]:
+    """An evaluate step's attention section reads a transformer (mlp, rnn and lstm have no attention)."""
+    problems = []
+    for name, step in spec.steps.items():
+        family = model_family(spec.steps, step.model) if step.kind == "evaluate" and step.attention else None
+        if family in ("mlp", "rnn", "lstm"):
+            problems.append(doc.problem(("steps", name, "attention"), f"model '{step.model}' is an {family} (model."
+                                        "family of the step it comes from), which has no attention; attention maps "
+                                        "need a transformer (llama, gpt2, bert, roberta): remove attention or "
+                                        "evaluate a transformer"))
+    return problems
+
+
 def tokenizer_problems(spec: Any, doc: Document) -> list[Problem]:
-    """Models a step compares token id by token id (distill's teacher and student) share its tokenizer."""
+    """Models a step compares token id by token id (distill's teacher and student) share its tokenizer, and so do
+    the runs a `scaling` step fits (a loss per token compares only under one tokenizer)."""
     return [doc.problem(("steps", name) + path, message) for name, step in spec.steps.items()
-            if step.kind == "distill" for path, message in step.tokenizer_problems(spec.steps)]
+            if step.kind in ("distill", "scaling") for path, message in step.tokenizer_problems(spec.steps)]
 
 
 def gate_problems(spec: Any, doc: Document) -> list[Problem]:

@@ -41,6 +41,17 @@ class Document:
     values: dict[Path_, Mark] = field(default_factory=dict)
     secrets: dict[Path_, str] = field(default_factory=dict)  # path -> original "${env:X}" text
     problems: list[Problem] = field(default_factory=list)  # non-fatal: reported with the schema's
+    # a sweep's variant -> (its step, {field path: where the sweep sets it}) (schemas/sweep.py)
+    variants: dict[str, tuple[str, dict]] = field(default_factory=dict)
+
+    def written(self, path: Path_) -> Path_:
+        """Where the file writes `path`: a sweep variant's fields are its step's, except those its sweep sets (so
+        a problem every variant inherits is reported once, at the step)."""
+        if len(path) < 2 or path[0] != "steps" or path[1] not in self.variants:
+            return path
+        base, places = self.variants[path[1]]
+        rest = tuple(path[2:])
+        return next((where for swept, where in places.items() if rest[:len(swept)] == swept), ("steps", base) + rest)
 
     def mark(self, path: Path_, key: bool = False) -> Mark:
         """Return the mark of path (its key or value), or of its nearest ancestor that has one."""
@@ -54,6 +65,7 @@ class Document:
         return Mark(self.source, 1, 1)
 
     def problem(self, path: Path_, message: str, key: bool = False) -> Problem:
+        path = self.written(path)
         m = self.mark(path, key)
         return Problem(m.file, m.line, m.col, dotted(path), message)
 
@@ -212,6 +224,22 @@ def parse_file(path: str | os.PathLike) -> Document:
     return parse_text(_check_bytes(raw, source), source)
 
 
+def _joined(data: Any, path: tuple) -> tuple:
+    """The override path with parts joined where the file has a key with dots in it (a sweep's `optimizer.lr`)."""
+    out, node, i = [], data, 0
+    while i < len(path):
+        j = next((j for j in range(len(path), i + 1, -1) if isinstance(node, dict)
+                  and ".".join(map(str, path[i:j])) in node), i + 1)
+        part = ".".join(map(str, path[i:j])) if j > i + 1 else path[i]
+        out.append(part)
+        if isinstance(node, dict):
+            node = node.get(part)
+        else:
+            node = node[part] if isinstance(node, list) and isinstance(part, int) and part < len(node) else None
+        i = j
+    return tuple(out)
+
+
 def apply_overrides(doc: Document, overrides: list[str]) -> None:
     """Apply `--set a.b.c=value` overrides in place; values are parsed as YAML scalars or flow YAML.
 
@@ -224,7 +252,7 @@ def apply_overrides(doc: Document, overrides: list[str]) -> None:
         if not sep or not key.strip():
             problems.append(Problem(source, 1, 1, "", f"expected KEY=VALUE, got '{item}'"))
             continue
-        path = tuple(int(p) if p.isdigit() else p for p in key.strip().split("."))
+        path = _joined(doc.data, tuple(int(p) if p.isdigit() else p for p in key.strip().split(".")))
         try:
             value = yaml.load(raw, Loader=_Loader) if raw.strip() else ""
         except yaml.YAMLError:

@@ -6,9 +6,11 @@ The names follow one scheme:
 - `val/<m>`: measured on held-out data: curves during training, and the step's result at the end;
 - `before/<m>`: the same held-out measurement `<m>` on the model the step started from, and `gain/<m>` =
   `<m>` - `before/<m>` where that difference is the point (task accuracy);
-- `<split>/<m>`, `texts/<m>`, `tasks/<k>shot/<task>`: what `evaluate` measured;
+- `<split>/<m>`, `texts/<m>`, `tasks/<k>shot/<task>`, `embeddings/<m>`, `attention/<m>`: what `evaluate` measured,
+  and `fresh/<m>`: the same on a freshly initialised model of the same config and seed;
 - groups for facts and speed: `data/`, `params/`, `perf/`, `time/`; kinds' own groups: `collect/`, `ppo/`, `grpo/`,
-  `reward/`, `labels/`, `sl/`, `drift/`, `schema/`, `gate/`, `registry/`, `prune/`, `forgetting/`, optimize's
+  `reward/`, `labels/`, `sl/`, `drift/`, `schema/`, `gate/`, `registry/`, `prune/`, `forgetting/`, `scaling/` and
+  `isoflop/` (the scaling step's approaches 3 and 2), optimize's
   variants `baseline/`, `pruned/`, `bf16/`, `fp16/`, `int8/`, `int4/`, and distill's `teacher/<m>` and
   `hard/<m>` (the same measurement of the teacher and of the hard-label twin).
 
@@ -53,28 +55,41 @@ PERF = [_m("perf/tokens_per_s", "training tokens per second (this attempt, all p
         _m("perf/flops_per_s", "achieved training FLOP/s, 6 x parameters x tokens/s (Kaplan et al. 2020)")]
 
 
-def _causal(spec, up) -> bool | None:
-    """Whether the model an evaluate step reads is causal (None: from outside the pipeline, unknown)."""
-    step = up(spec.model)
+def _objective(spec, up) -> str | None:
+    """The objective the model an evaluate step reads was pretrained with, `causal`, `masked` or `span_corruption`,
+    through the steps it descends from (None: from outside the pipeline, unknown; a tuned model whose pretraining
+    the pipeline does not show: causal)."""
+    step, seen = up(spec.model), {spec.model}
     if step is None:
         return None
-    return step.kind != "pretrain" or step.objective == "causal"
+    while step.kind != "pretrain":
+        parent = next((getattr(step, f) for f in ("model", "policy") if isinstance(getattr(step, f, None), str)), None)
+        if parent is None or parent in seen or up(parent) is None:
+            return "causal"
+        seen.add(parent)
+        step = up(parent)
+    return step.objective
 
 
 def _score(prefix: str, when: str, test) -> list[Metric]:
-    def kind_is(causal: bool):
-        return lambda s, u: test(s, u) and (None if _causal(s, u) is None else _causal(s, u) == causal)
+    def trained_on(objective: str):
+        return lambda s, u: test(s, u) and (None if _objective(s, u) is None else _objective(s, u) == objective)
 
-    causal, masked = kind_is(True), kind_is(False)
+    causal, masked, spans = trained_on("causal"), trained_on("masked"), trained_on("span_corruption")
     return [
         _m(f"{prefix}/loss", "mean negative log-likelihood per predicted token (causal: every token of every "
-           "document once, after BOS; masked: the masked tokens)", when, test),
+           "document once, after BOS; masked: the masked tokens; t5: the targets of T5's span corruption, "
+           "sentinels and EOS included)", when, test),
         _m(f"{prefix}/perplexity", "exp of that loss (components/lib/scoring.py)", when, test),
         _m(f"{prefix}/tokens", "tokens predicted", when, test),
         _m(f"{prefix}/next_token_top1", "share of tokens the model ranks first (causal models)", when, causal),
         _m(f"{prefix}/next_token_top5", "share of tokens in the model's top 5 (causal models)", when, causal),
         _m(f"{prefix}/masked_accuracy", "share of masked tokens ranked first (masked models)", when, masked),
         _m(f"{prefix}/masked_top5", "share of masked tokens in the top 5 (masked models)", when, masked),
+        _m(f"{prefix}/span_top1", "share of span-corruption target tokens ranked first (encoder-decoders)", when,
+           spans),
+        _m(f"{prefix}/span_top5", "share of span-corruption target tokens in the top 5 (encoder-decoders)", when,
+           spans),
     ]
 
 
@@ -96,6 +111,12 @@ def _loop(val: bool = True) -> list[Metric]:
 
 
 PARAMS = [_m("params/trainable", "parameters that train"), _m("params/total", "all parameters of the model")]
+PADDING = _m("data/padding_share", "share of the positions of right-padded training batches that would be padding "
+             "(what `packing` saves)")
+MIXED = lambda s, u: s.data.mixture is not None  # noqa: E731
+MIXTURE = [_m("data/mixture/{source}", "share of the training rows drawn from this source of the mixture (of the "
+              "rows drawn per pass; streamed data: of those drawn for the steps trained)", "data.mixture", MIXED),
+           _m("data/mixture/{source}/rows", "training rows drawn from it (the same count)", "data.mixture", MIXED)]
 HAS_EVAL = lambda s, u: s.evaluation is not None  # noqa: E731
 HAS_BASE = lambda s, u: s.evaluation is not None and s.evaluation.base  # noqa: E731
 FORGET = lambda s, u: s.evaluation is not None and s.tokens is not None  # noqa: E731
@@ -167,6 +188,62 @@ JUDGE = [
     _m("judge/position_bias", "mean p(first option) - 0.5 over every question asked", "judge", HAS_JUDGE),
     _m("judge/questions", "questions the judge answered (x2 with swap_positions)", "judge", HAS_JUDGE)]
 
+def _section(*path: str):
+    """Whether evaluate's settings hold the (nested) section `path`, e.g. ("embeddings", "sentences")."""
+    def test(s, u) -> bool:
+        for name in path:
+            s = getattr(s, name, None)
+            if not s:
+                return False
+        return True
+    return test
+
+
+SENTENCES, ANALOGIES = _section("embeddings", "sentences"), _section("embeddings", "analogies")
+FRESH_PROBE = lambda s, u: SENTENCES(s, u) and s.embeddings.sentences.fresh_baseline  # noqa: E731
+INSPECTION = [
+    _m("embeddings/probe/accuracy", "held-out accuracy of the logistic-regression probe on mean-pooled hidden "
+       "states", "embeddings.sentences", SENTENCES),
+    _m("embeddings/probe/majority", "held-out accuracy of always answering the training split's most frequent "
+       "label (the baseline the probe must beat)", "embeddings.sentences", SENTENCES),
+    _m("embeddings/probe/train_accuracy", "the probe's accuracy on the texts it was fitted on",
+       "embeddings.sentences", SENTENCES),
+    _m("embeddings/probe/train_texts", "texts the probe was fitted on", "embeddings.sentences", SENTENCES),
+    _m("embeddings/probe/eval_texts", "held-out texts it was scored on", "embeddings.sentences", SENTENCES),
+    _m("fresh/embeddings/probe/accuracy", "embeddings/probe/accuracy of a freshly initialised model of the same "
+       "config and seed", "embeddings.sentences.fresh_baseline", FRESH_PROBE),
+    _m("embeddings/analogies/solved", "share of analogies a - b + c = d whose nearest token (a, b, c excluded) is "
+       "d", "embeddings.analogies", ANALOGIES),
+    _m("embeddings/analogies/in_top_k", "share whose d is among the k nearest", "embeddings.analogies", ANALOGIES),
+    _m("embeddings/analogies/count", "analogies asked", "embeddings.analogies", ANALOGIES),
+    *[_m(f"embeddings/dimensions/{n}", d, "embeddings.dimensions", _section("embeddings", "dimensions")) for n, d in (
+        ("random_abs_cos", "mean |cos| of random Gaussian vector pairs at the model's embedding dimension"),
+        ("token_abs_cos", "mean |cos| of random pairs of the model's own token embeddings (specials excluded)"),
+        ("sum_recovery", "at the model's dimension, share of the summed random vectors found again as the "
+         "dictionary vectors with the largest dot products with the sum"))],
+    _m("attention/prev_token/*", "previous-token score of one head (`l<layer>_h<head>`): mean attention weight "
+       "from token i to token i - 1 over every token of the texts after the first", "attention",
+       _section("attention")),
+    _m("fresh/attention/prev_token/*", "the same head's score in a freshly initialised model of the same config "
+       "and seed", "attention", _section("attention")),
+    _m("attention/prev_token_max", "the highest previous-token score of any head", "attention",
+       _section("attention")),
+    _m("fresh/attention/prev_token_max", "the same in the freshly initialised model", "attention",
+       _section("attention")),
+    _m("attention/prev_token_uniform", "the score of a head that spreads its weight evenly over the tokens it can "
+       "see (the chance level)", "attention", _section("attention"))]
+
+SCALING_FIT = [("e", "E, the irreducible loss of L(N, D) = E + A/N^alpha + B/D^beta (nats/token)"),
+               ("a", "A, the size term's coefficient"), ("b", "B, the data term's coefficient"),
+               ("alpha", "alpha, the size exponent (N: non-embedding parameters)"),
+               ("beta", "beta, the data exponent (D: training tokens)"),
+               ("n_exponent", "beta/(alpha+beta): the compute-optimal N grows as C^this")]
+SCALING_BUDGET = [("params", "compute-optimal N (non-embedding parameters)"), ("tokens", "compute-optimal D"),
+                  ("loss", "the fitted loss of that N and D")]
+BOOTSTRAP = lambda s, u: s.bootstrap.resamples > 0  # noqa: E731
+HOLDOUT = lambda s, u: s.holdout == "largest"  # noqa: E731
+BUDGET = lambda s, u: s.budget is not None  # noqa: E731
+
 METRICS: dict[str, list[Metric]] = {
     "tokenize": [
         _m("data/vocab_size", "tokens in the trained vocabulary, special tokens included"),
@@ -189,20 +266,22 @@ METRICS: dict[str, list[Metric]] = {
         *_score("texts", "texts", lambda s, u: bool(s.texts)),
         *_tasks("", "tasks", lambda s, u: s.tasks is not None), *REFERENCES, *JUDGE,
         _m("lm_eval/*/*", "every figure the lm-evaluation-harness reports, per task (`acc`, `acc_norm`, "
-           "`word_perplexity`, ... and their `_stderr`)", "lm_eval", lambda s, u: s.lm_eval is not None), TIME],
+           "`word_perplexity`, ... and their `_stderr`)", "lm_eval", lambda s, u: s.lm_eval is not None),
+        *INSPECTION, TIME],
     "finetune": [
-        *PARAMS, _m("params/trainable_fraction", "params/trainable / params/total"), *_loop(), *PERF,
+        *PARAMS, _m("params/trainable_fraction", "params/trainable / params/total"), *_loop(), *PERF, PADDING,
         _m("perf/train_seconds", "training wall time, in seconds"),
         *_tasks("", "evaluation", HAS_EVAL), *_tasks("before/", "evaluation.base", HAS_BASE),
         *_tasks("gain/", "evaluation.base", HAS_BASE),
-        _m("pretrain/perplexity", "perplexity on the tokens step's held-out split after tuning", "tokens", FORGET),
+        _m("pretrain/perplexity", "perplexity on the tokens step's held-out split after tuning (an encoder-decoder: "
+           "of its span-corruption targets)", "tokens", FORGET),
         _m("before/pretrain/perplexity", "the same before tuning", "tokens, evaluation.base", FORGET_BASE),
         _m("forgetting/perplexity_delta", "pretrain/perplexity - before/pretrain/perplexity (positive: it forgot)",
            "tokens, evaluation.base", FORGET_BASE),
         _m("forgetting/perplexity_ratio", "pretrain/perplexity / before/pretrain/perplexity",
            "tokens, evaluation.base", FORGET_BASE),
         _m("prune/sparsity", "share of exact zeros in the pruned weights", "peft.method prune",
-           lambda s, u: s.peft.method == "prune"), TIME],
+           lambda s, u: s.peft.method == "prune"), *MIXTURE, TIME],
     "reward_model": [
         _m("val/accuracy", "held-out pairs whose chosen reply scores higher (ties count as wrong)"),
         _m("val/margin", "mean reward of chosen minus rejected, held out"),
@@ -223,7 +302,7 @@ METRICS: dict[str, list[Metric]] = {
             ("sheet_prompts", "prompts labelled in at least one file"),
             ("sheet_blank_prompts", "prompts of the key no file labels (skipped)"),
             ("ties", "pairs of one prompt and file with equal ranks, or ratings closer than min_gap: dropped, or with "
-             "ties: soft trained on at p = 0.5 (held-out ties are always left out)"))], *PERF, TIME],
+             "ties: soft trained on at p = 0.5 (held-out ties are always left out)"))], *MIXTURE, *PERF, TIME],
     "collect": [
         _m("collect/prompts", "prompts on the sheet"), _m("collect/completions", "completions on the sheet (its rows)"),
         _m("collect/duplicates", "completions left out as equal to an earlier one of their prompt (distinct)"),
@@ -238,7 +317,8 @@ METRICS: dict[str, list[Metric]] = {
         _m("before/val/rewards/accuracy", "0 by construction (policy = reference)"),
         _m("before/val/rewards/margin", "0 by construction"),
         _m("train/loss", "training loss at the last logged step"), _m("train/steps", "optimizer steps"),
-        *PARAMS, _m("data/train_pairs", "training pairs"), _m("data/eval_pairs", "held-out pairs"), *PERF, TIME],
+        *PARAMS, _m("data/train_pairs", "training pairs"), _m("data/eval_pairs", "held-out pairs"), *MIXTURE, *PERF,
+        TIME],
     "ppo": [
         *[_m(f"val/{n}", f"held-out prompts, final policy: {d}", w, t) for n, d, w, t in PPO_VAL],
         *[_m(f"before/val/{n}", "the same for the starting policy", w, t) for n, _, w, t in PPO_VAL],
@@ -259,7 +339,7 @@ METRICS: dict[str, list[Metric]] = {
            lambda s, u: s.dynamic_sampling),
         _m("perf/train_seconds", "training wall time, in seconds"), _m("train/steps", "optimizer steps"), TIME],
     "constitutional": [
-        *PARAMS, _m("params/trainable_fraction", "params/trainable / params/total"), *_loop(), *PERF,
+        *PARAMS, _m("params/trainable_fraction", "params/trainable / params/total"), *_loop(), *PERF, PADDING,
         _m("sl/prompts", "prompts answered and revised"), _m("sl/rounds", "critique/revision rounds"),
         _m("sl/sft_rows", "rows of the SFT half"), _m("sl/preference_rows", "rows of the preference half"),
         *[_m(f"labels/{n}", d, "feedback", lambda s, u: s.feedback is not None) for n, d in (
@@ -346,6 +426,30 @@ METRICS: dict[str, list[Metric]] = {
         _m("data/features", "inputs of the network"),
         _m("data/classes", "classes of the labels", "classification", FF_CLASSIFIES),
         _m("params/total", "weights and biases of the network"), TIME],
+    "scaling": [
+        *[_m(f"scaling/{k}", f"{d}, fitted on every run (approach 3, Huber on log-loss)") for k, d in SCALING_FIT],
+        *[_m(f"scaling/{k}_{end}", f"{end} end of the bootstrap percentile interval of scaling/{k}", "bootstrap",
+             BOOTSTRAP) for k, _ in SCALING_FIT for end in ("low", "high")],
+        _m("scaling/objective", "the Huber sum at the fit (0: the law passes through every run)"),
+        _m("scaling/exponents_at_bound", "exponents (alpha, beta) the fit left at their bound of 10: the runs do not "
+           "identify them (0: both identified)"),
+        _m("scaling/fit_error", "mean |fitted - measured| / measured loss over the runs fitted"),
+        _m("scaling/runs", "runs fitted"),
+        _m("scaling/holdout_error", "(predicted - measured) / measured val/loss of the largest-compute run, by the "
+           "fit on the other runs", "holdout: largest", HOLDOUT),
+        _m("scaling/holdout_predicted", "that run's loss as the fit without it predicts", "holdout: largest", HOLDOUT),
+        _m("scaling/holdout_measured", "that run's measured val/loss", "holdout: largest", HOLDOUT),
+        *[_m(f"scaling/budget_{k}", f"{d} at `budget` by the fitted law's closed form", "budget", BUDGET)
+          for k, d in SCALING_BUDGET],
+        *[_m(f"scaling/budget_{k}_{end}", f"{end} end of the bootstrap interval of scaling/budget_{k}",
+             "budget, bootstrap", lambda s, u: BUDGET(s, u) and BOOTSTRAP(s, u))
+          for k, _ in SCALING_BUDGET[:2] for end in ("low", "high")],
+        _m("isoflop/budgets", "compute budgets whose loss-vs-log N parabola has its minimum inside the sizes trained"),
+        *[_m(f"isoflop/{k}", d, "two budgets with a minimum", lambda s, u: None) for k, d in (
+            ("n_exponent", "a of N*(C) = k C^a through the budgets' minima (approach 2)"),
+            ("d_exponent", "b of D*(C) = k' C^b, D* = C / (6 N*)"))],
+        *[_m(f"isoflop/budget_{k}", f"{d} at `budget` by approach 2's power law", "budget, two budgets with a "
+             "minimum", lambda s, u: None if BUDGET(s, u) else False) for k, d in SCALING_BUDGET[:2]], TIME],
 }
 
 
@@ -359,7 +463,10 @@ def placeholders(spec, up) -> dict[str, list[str]]:
     if kind == "finetune":
         ev = spec.evaluation
         tasks = list(spec.data.tasks or BUILTIN_TASKS) if spec.data.builtin else ["*"]
-        return {"k": [str(k) for k in dict.fromkeys((0, ev.shots))] if ev else [], "task": tasks}
+        return {"k": [str(k) for k in dict.fromkeys((0, ev.shots))] if ev else [], "task": tasks,
+                "source": spec.data.source_names()}
+    if kind in ("dpo", "reward_model"):
+        return {"source": spec.data.source_names()}
     if kind == "grpo":
         return {"source": spec.reward_names()}
     if kind == "optimize":

@@ -35,7 +35,7 @@ class PeftSpec(Section):
     """Dropout on the LoRA input."""
     target_modules: list[str] | None = None
     """Module names to adapt (e.g. [q_proj, v_proj], or [all-linear] for LoRA); default: peft's choice for
-    the architecture (q_proj, v_proj for Llama LoRA; k_proj, v_proj, down_proj for IA3)."""
+    the architecture (q_proj, v_proj for Llama LoRA, q, v for T5's; k_proj, v_proj, down_proj for IA3)."""
     use_rslora: bool = False
     """Rank-stabilized LoRA: scale by alpha/sqrt(r) (Kalajdzievski 2023)."""
     use_dora: bool = False

@@ -9,9 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Union
 
-from pydantic import BaseModel, Field, TypeAdapter, ValidationError, field_validator
+from pydantic import BaseModel, Field, PrivateAttr, TypeAdapter, ValidationError, field_validator
 
-from . import contracts
+from . import contracts, sweep, variants
 from .base import Section, StepSpec
 from .errors import Problem, SpecError, did_you_mean
 from .loader import Document, apply_overrides, parse_file
@@ -67,6 +67,19 @@ class PipelineSpec(Section):
                     raise ValueError(f"step name '{key}' must use letters, digits, '_' and '-'")
         return value
 
+    _variants: dict[str, sweep.Variant] = PrivateAttr(default_factory=dict)  # variant name -> Variant
+
+    def register_variant(self, variant: sweep.Variant) -> None:
+        self._variants[variant.name] = variant
+
+    def variant(self, name: str) -> sweep.Variant | None:
+        """The sweep variant step `name` is (None: a step as the file writes it)."""
+        return self._variants.get(name)
+
+    def swept(self, name: str) -> list[str]:
+        """The names of step `name`'s variants ([]: it has no sweep)."""
+        return [v for v, variant in self._variants.items() if variant.base == name]
+
 
 @dataclass
 class LoadedSpec:
@@ -93,7 +106,12 @@ class LoadedSpec:
     def redacted(self) -> dict:
         """The resolved spec with every `${env:...}` value put back as written (never the secret)."""
         data = self.spec.model_dump(mode="json")
-        for path, text in self.doc.secrets.items():
+        secrets = dict(self.doc.secrets)
+        for path, text in self.doc.secrets.items():  # a variant holds its step's secrets, where it keeps them
+            for name in self.spec.swept(path[1]) if len(path) > 2 and path[0] == "steps" else []:
+                if not any(path[2:2 + len(p.split("."))] == tuple(p.split(".")) for p in self.spec.variant(name).sets):
+                    secrets[("steps", name) + path[2:]] = text
+        for path, text in secrets.items():
             node = data
             try:
                 for part in path[:-1]:
@@ -117,15 +135,18 @@ def load(path: str | Path, overrides: list[str] | None = None) -> LoadedSpec:
 
 
 def _validate(doc: Document) -> tuple[PipelineSpec | None, list[Problem]]:
+    variants.splice(doc, TypeAdapter(Step), dict(zip(KINDS, STEP_SPECS)))  # all_variants lists name every variant
     try:
         spec = PipelineSpec.model_validate(doc.data)
     except ValidationError as err:
         problems = [_problem(doc, e) for e in err.errors()]
         return None, problems + _reference_problems(doc, _steps_that_validate(doc))
-    implied = contracts.fill_implied(spec, doc)
-    problems = _reference_problems(doc, spec.steps)
+    implied = variants.expand(spec, doc)  # the variants join the steps; what follows checks them too
+    implied += contracts.fill_implied(spec, doc)
+    problems = _reference_problems(doc, spec.steps, spec)
     if not problems:  # contracts read the DAG; a broken reference is reported first
-        problems += contracts.gate_problems(spec, doc) + contracts.tokenizer_problems(spec, doc)
+        problems += contracts.gate_problems(spec, doc) + contracts.tokenizer_problems(spec, doc) + \
+            contracts.attention_problems(spec, doc)
     return spec, implied + problems + _resource_problems(doc, spec)
 
 
@@ -155,11 +176,13 @@ def _steps_that_validate(doc: Document) -> dict[str, StepSpec]:
     return good
 
 
-def _reference_problems(doc: Document, steps: dict[str, StepSpec | None]) -> list[Problem]:
+def _reference_problems(doc: Document, steps: dict[str, StepSpec | None], spec: PipelineSpec | None = None) -> list[Problem]:
     problems, edges = [], {name: [] for name in steps}
+    swept = spec.swept if spec is not None else lambda name: []
     for name, step in steps.items():
         if step is None:
             continue
+        edges[name] += [(v, ("steps", name, "sweep")) for v in swept(name)]  # a swept step reads its variants
         for path, target, ref in step.step_references():
             where = ("steps", name) + tuple(path)
             if target not in steps:
@@ -169,7 +192,12 @@ def _reference_problems(doc: Document, steps: dict[str, StepSpec | None]) -> lis
             elif steps[target] is not None and (found := contracts.output_problem(doc, where, target, steps, ref,
                                                                                           step.reads_heldout(tuple(path), ref))):
                 problems.append(found)
-            else:
+            elif swept(target) and steps[target].sweep.chooser() is None:
+                names = swept(target)
+                problems.append(doc.problem(where, f"step '{target}' is swept into {len(names)} variants "
+                                            f"({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}); add "
+                                            "sweep.select to pick one by a metric, or reference one variant by name"))
+            elif not swept(name):  # a swept step's references are its variants' (checked above all the same)
                 edges[name].append((target, where))
     return problems + _cycle_problems(doc, edges)
 
@@ -293,7 +321,7 @@ def step_order(spec: PipelineSpec) -> list[str]:
     def visit(name: str) -> None:
         if name in done:
             return
-        for _, target, _ in spec.steps[name].step_references():
+        for target in dependencies(spec, name):
             visit(target)
         done.append(name)
 
@@ -303,6 +331,13 @@ def step_order(spec: PipelineSpec) -> list[str]:
 
 
 def dependencies(spec: PipelineSpec, name: str) -> list[str]:
-    """Return the names of the steps that `name` reads from, directly."""
-    return list(dict.fromkeys(target for _, target, _ in spec.steps[name].step_references()))
+    """Return the names of the steps that `name` reads from, directly: a swept step's are its variants (it picks
+    one), and each trial of a search also waits for the one before (it asks the study after that one told it)."""
+    if spec.swept(name):
+        return spec.swept(name)
+    deps = list(dict.fromkeys(target for _, target, _ in spec.steps[name].step_references()))
+    variant = spec.variant(name)
+    if variant is not None and variant.trial:
+        deps.append(sweep.variant_name(variant.base, f"trial={variant.trial - 1}"))
+    return deps
 

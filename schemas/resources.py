@@ -8,9 +8,9 @@ engine, so strategies that start their own processes (`ddp_spawn`, `ddp_fork`, .
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from .section import Section
 from .errors import did_you_mean
@@ -44,6 +44,27 @@ class LauncherSpec(Section):
         return value
 
 
+class GenerationSettings(Section):
+    """How steps decode text (evaluate's samples, tasks and references; ppo, grpo and collect rollouts), never what:
+    greedy outputs are the same under every setting (components/lib/decoding.py)."""
+
+    cache: Literal["auto", "dynamic", "static"] = "auto"
+    """KV cache: `static` preallocates prompt + max_new_tokens positions (fixed shapes, what torch.compile needs),
+    `dynamic` grows by one position per token; `auto`: static when decoding is compiled, else dynamic. Models
+    without a transformers KV cache (mlp, rnn, lstm) keep their own state either way."""
+    compile: bool | Literal["auto"] = "auto"
+    """torch.compile the per-token forward (with a static cache). `auto`: on CUDA only; on CPU the one-off compile
+    (20-60 s on the 2-core bench machine) costs more than it saves unless a step decodes tens of thousands of
+    tokens (benchmarks/bench_generate.py). `true`/`false` force it."""
+
+    @model_validator(mode="after")
+    def _compile_needs_static(self) -> "GenerationSettings":
+        if self.compile is True and self.cache == "dynamic":
+            raise ValueError("compile: true needs a static cache (compiled decoding keeps one shape); set cache: "
+                             "static or auto, or compile: false")
+        return self
+
+
 class TrainerSpec(Section):
     """Lightning Trainer settings and the devices a step gets."""
 
@@ -57,12 +78,18 @@ class TrainerSpec(Section):
     """Machines taking part in training; more than one needs `launcher`."""
     precision: str = "auto"
     """`auto` (bf16-mixed where the hardware has fast bf16, else 32-true), or any Lightning precision."""
-    compile: bool = False
-    """Wrap the model with torch.compile (about +10% on CPU after a slow first step)."""
+    compile: bool | Literal["auto"] = "auto"
+    """Compile the trained model with torch.compile (`nn.Module.compile`). `auto`: on kinds whose batches keep one
+    shape (pretrain), time the first 20 steps and compile when the remaining steps would win the compile time
+    back (components/lib/training.py `pays_back`); never on batches of changing shape (finetune's padded rows
+    recompiled at every new shape and ran 10x slower) nor on ppo/grpo. `true`/`false` force it."""
     launcher: LauncherSpec | None = None
     """Rendezvous for `num_nodes` > 1 (run `llmcycle step SPEC STEP` on the other machines)."""
     share_devices: bool = False
     """Let steps that run at the same time use this step's GPUs too (default: a GPU serves one step at a time)."""
+    generation: GenerationSettings = GenerationSettings()
+    """KV cache and compile of the steps that generate text; a step's `trainer: {generation: ...}` changes only
+    the fields it sets."""
 
     @field_validator("accelerator")
     @classmethod
@@ -135,7 +162,10 @@ def resources_for(pipeline: TrainerSpec, step: TrainerSpec | None, trains: bool 
     training steps) become one device on one node there.
     """
     merged = pipeline.model_dump()
-    merged.update(step.model_dump(exclude_unset=True) if step is not None else {})
+    own = step.model_dump(exclude_unset=True) if step is not None else {}
+    if "generation" in own:  # a section merged field by field, as the trainer itself is
+        own["generation"] = {**merged["generation"], **own["generation"]}
+    merged.update(own)
     if not trains:
         ids = TrainerSpec.model_validate(merged).device_ids()
         merged.update(devices=str(ids[0]) if ids else 1, num_nodes=1, strategy="auto", launcher=None)

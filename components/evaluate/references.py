@@ -40,10 +40,12 @@ def load_rows(spec, seed: int, resolve) -> list[dict]:
     return rows
 
 
-def score_replies(model, tokenizer, spec, rows: list[dict]) -> tuple[dict[str, float], dict[str, str], list[dict]]:
-    """Generate a reply per row and score it; (metrics `references/<m>`, library settings, table rows)."""
+def score_replies(model, tokenizer, spec, rows: list[dict], decoder=None
+                  ) -> tuple[dict[str, float], dict[str, str], list[dict]]:
+    """Generate a reply per row and score it; (metrics `references/<m>`, library settings, table rows).
+    `decoder`: trainer.generation's choices (components/lib/decoding.py)."""
     replies = generate_answers(model, tokenizer, [r["prompt"] for r in rows], spec.max_new_tokens,
-                               one_line=spec.stop == "line")
+                               one_line=spec.stop == "line", decoder=decoder)
     bleu = {"tokenize": spec.bleu.tokenize, "smooth_method": spec.bleu.smooth_method,
             "lowercase": spec.bleu.lowercase}
     corpus, settings, per_row = reference_metrics.score(replies, [r["reference"] for r in rows], spec.metrics,

@@ -18,6 +18,7 @@ import lightning as L
 import torch
 
 from components.lib.context import StepContext, StepOutput, effort
+from components.lib.decoding import step_decoder
 from components.lib.policy import (IterationProgress, held_out, load_policy, load_prompts, log_policy_results,
                                    save_policy)
 from components.lib.training import fit, make_trainer, world_size
@@ -57,6 +58,7 @@ def build_module(spec: GrpoSpec, ctx: StepContext, policy, tokenizer, rewards):
     """The Lightning module: LoRA or full policy, the reference (a frozen copy, or the adapter disabled)."""
     from components.grpo.module import GRPOModule
 
+    decoder = step_decoder(ctx)  # trainer.generation: how rollouts decode
     reference = None
     if spec.peft.method == "lora":
         from components.lib.peft import apply_peft
@@ -72,7 +74,7 @@ def build_module(spec: GrpoSpec, ctx: StepContext, policy, tokenizer, rewards):
         kl_estimator=spec.kl.estimator, dynamic_sampling=spec.dynamic_sampling,
         overlong_filter=spec.overlong.filter, epochs=spec.epochs, minibatches=spec.minibatches,
         temperature=spec.temperature, max_new_tokens=spec.max_new_tokens, max_prompt_length=spec.prompts.max_length,
-        seed=ctx.seed)
+        generation_cache=decoder.cache, generation_compile=decoder.compile, seed=ctx.seed)
 
 
 def run(spec: GrpoSpec, ctx: StepContext) -> StepOutput:

@@ -15,6 +15,7 @@ import lightning as L
 import torch
 
 from components.grpo import core
+from components.lib.decoding import Decoder
 from components.lib.rollout import (Rollout, encode_prompts, kl_per_token, masked_mean, minibatch_passes,
                                     reference_logprobs, response_logprobs, sample)
 from components.lib.training import configure_optimizer
@@ -92,9 +93,11 @@ class GRPOModule(L.LightningModule):
                  clip_low: float = 0.2, clip_high: float = 0.2, kl_coef: float = 0.0, kl_estimator: str = "k3",
                  dynamic_sampling: bool = False, overlong_filter: bool = False, epochs: int = 1,
                  minibatches: int = 1, temperature: float = 1.0, max_new_tokens: int = 16,
-                 max_prompt_length: int = 128, seed: int = 0):
+                 max_prompt_length: int = 128, generation_cache: str = "auto",
+                 generation_compile: bool | str = "auto", seed: int = 0):
         super().__init__()
         self.save_hyperparameters(ignore=["policy", "tokenizer", "rewards", "reference"])
+        self.decoder = Decoder(generation_cache, generation_compile)  # trainer.generation
         self.automatic_optimization = False
         self.policy, self.tokenizer, self.rewards, self.reference = policy, tokenizer, rewards, reference
         self.history: list[dict[str, float]] = []
@@ -110,7 +113,7 @@ class GRPOModule(L.LightningModule):
         hp, tok = self.hparams, self.tokenizer
         query, query_mask = encode_prompts(tok, rows, hp.max_prompt_length, self.device)
         roll = sample(self.policy, query, query_mask, hp.max_new_tokens, hp.temperature, tok.eos_token_id,
-                      tok.pad_token_id, greedy=greedy)
+                      tok.pad_token_id, greedy=greedy, decoder=self.decoder)
         roll = GroupRollout(**roll.__dict__)
         ids, mask = roll.full()
         context = query.shape[1]

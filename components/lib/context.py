@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from components.lib.phases import charged
 from schemas.base import is_external
 from schemas.resources import TrainerSpec
 
@@ -99,6 +100,7 @@ class StepContext:
     pipeline_name: str = "pipeline"
     run_id: str | None = None
     tracking_uri: str | None = None
+    trial: dict | None = None  # the Optuna trial a sweep's trial reports to, for pruning (components/lib/trials.py)
 
     @property
     def is_main(self) -> bool:
@@ -136,6 +138,7 @@ class StepContext:
 
         return MlflowClient(tracking_uri=self.tracking_uri)
 
+    @charged("logging")  # the ledger's split of the step's time (components/lib/phases.py)
     def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
         if self.run_id is None:
             return
@@ -147,12 +150,14 @@ class StepContext:
         for i in range(0, len(batch), 500):
             self._client().log_batch(self.run_id, metrics=batch[i:i + 500])
 
+    @charged("logging")
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         if self.run_id is not None:
             p = Path(path)
             (self._client().log_artifacts if p.is_dir() else self._client().log_artifact)(
                 self.run_id, str(p), artifact_path)
 
+    @charged("logging")
     def log_table(self, rows: Iterable[dict], file: str) -> None:
         """Log rows as an MLflow table artifact (shown as a table in the UI's artifact view)."""
         if self.run_id is None:
@@ -161,10 +166,12 @@ class StepContext:
 
         self._client().log_table(self.run_id, data=pd.DataFrame(list(rows)), artifact_file=file)
 
+    @charged("logging")
     def log_figure(self, figure, file: str) -> None:
         if self.run_id is not None:
             self._client().log_figure(self.run_id, figure, file)
 
+    @charged("logging")
     def set_tags(self, tags: dict[str, Any]) -> None:
         if self.run_id is not None:
             for k, v in tags.items():

@@ -8,7 +8,8 @@ tasks gets the same accuracy in both. Metrics: `tasks/<k>shot/accuracy` (every q
   the answer (case-sensitive: the builtin `capitalize` task depends on case). Generation stops at a newline or
   EOS, and after the longest answer's tokens + 2 (no longer continuation can turn a wrong first line right).
 - **Choice**: the choice whose continuation has the highest summed log-probability after the prompt (lm-eval's
-  `acc`; the choices carry their own leading space, " Paris").
+  `acc`; the choices carry their own leading space, " Paris"); for an encoder-decoder, the decoder's
+  log-probability of the choice with the prompt in the encoder (components/lib/seq2seq.py).
 - **Few-shot** (Brown et al. 2020): `k` solved examples of the same task, `prompt + completion` each followed by
   the separator, before the question; they come from the task's pool of training examples, taken in turn
   so questions see different examples, and never the question itself.
@@ -89,6 +90,10 @@ def shot_prefix(task: Task, index: int, k: int, separator: str = SEPARATOR) -> s
 @torch.inference_mode()
 def continuation_logprob(model, tokenizer, context: str, continuation: str) -> float:
     """Sum of log p(continuation tokens | context) under a causal LM; an empty context starts from BOS."""
+    if getattr(model.config, "is_encoder_decoder", False):
+        from components.lib.seq2seq import continuation_logprob as decoder_logprob
+
+        return decoder_logprob(model, tokenizer, context, continuation)
     ctx_ids = encode(tokenizer, context) or [start_token(tokenizer)]
     cont_ids = encode(tokenizer, continuation)
     ids = torch.tensor([ctx_ids + cont_ids], device=next(model.parameters()).device)
@@ -97,10 +102,11 @@ def continuation_logprob(model, tokenizer, context: str, continuation: str) -> f
 
 
 def score_tasks(model, tokenizer, tasks: list[Task], shots: int = 0, separator: str = SEPARATOR,
-                reserve: int = 0) -> tuple[dict[str, float], list[dict]]:
+                reserve: int = 0, decoder=None) -> tuple[dict[str, float], list[dict]]:
     """Accuracy per task and overall at `shots`, and one prediction row per question.
 
-    `reserve`: positions kept free for prompt-tuning's virtual tokens.
+    `reserve`: positions kept free for prompt-tuning's virtual tokens; `decoder`: how generated answers are decoded
+    (components/lib/decoding.py, default `auto`).
     """
     metrics, predictions = {}, []
     with evaluating(model):
@@ -113,7 +119,7 @@ def score_tasks(model, tokenizer, tasks: list[Task], shots: int = 0, separator: 
             else:
                 longest = max((len(encode(tokenizer, " " + str(r["answer"]))) for r in task.rows), default=0)
                 guesses = generate_answers(model, tokenizer, prompts, min(task.max_new_tokens, longest + 2),
-                                           reserve=reserve)
+                                           reserve=reserve, decoder=decoder)
                 correct = [exact_match(g, r["answer"]) for g, r in zip(guesses, task.rows)]
             metrics[f"tasks/{shots}shot/{task.name}"] = sum(correct) / max(len(correct), 1)
             predictions += [{"task": task.name, "shots": shots, "prompt": r["prompt"], "answer": str(r["answer"]),

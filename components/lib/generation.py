@@ -2,7 +2,9 @@
 
 Decoding itself is transformers' (temperature, `TopKLogitsWarper`, `TopPLogitsWarper`, `BeamSearchScorer`
 semantics; Holtzman et al. 2020 for top-p); this module only maps a strategy name onto a GenerationConfig
-and batches prompts with left padding so every row's continuation starts at the same column.
+and batches prompts with left padding so every row's continuation starts at the same column; greedy decoding and
+plain sampling go through components/lib/decoding.py (the same tokens, faster). An encoder-decoder
+(T5) reads the prompt in its encoder, and its output is the decoder's alone: all of it is the continuation.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
+from components.lib.decoding import Decoder, line_end_ids, pads_left_safely
 from components.lib.models import evaluating
 from components.lib.text import encode, pad_token, start_token
 
@@ -41,17 +44,22 @@ def decoding_kwargs(strategy: str, temperature: float = 1.0, top_k: int = 0, top
 
 def encode_prompts(tokenizer, prompts: list[str], device=None) -> dict:
     """Left-padded input_ids/attention_mask; an empty prompt starts from the start token (BOS, else EOS)."""
+    rows = [encode(tokenizer, p) or [start_token(tokenizer)] for p in prompts]
+    ids, mask = left_padded(rows, pad_token(tokenizer), device)
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def left_padded(rows: list[list[int]], pad: int, device=None):
+    """(input_ids, attention_mask) of token rows padded on the left to the longest."""
     import torch
 
-    rows = [encode(tokenizer, p) or [start_token(tokenizer)] for p in prompts]
-    pad = pad_token(tokenizer)
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, row in enumerate(rows):
         ids[i, width - len(row):] = torch.tensor(row)
         mask[i, width - len(row):] = 1
-    return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+    return ids.to(device), mask.to(device)
 
 
 def generation_config(tokenizer, strategy: str = "greedy", max_new_tokens: int = 32, min_new_tokens: int = 0,
@@ -68,8 +76,10 @@ def generation_config(tokenizer, strategy: str = "greedy", max_new_tokens: int =
 def generate_texts(model, tokenizer, prompts: list[str], strategy: str = "greedy", max_new_tokens: int = 32,
                    temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, num_beams: int = 4,
                    length_penalty: float = 1.0, seed: int = 0, batch_size: int = 16,
-                   min_new_tokens: int = 0) -> list[str]:
-    """Generate a continuation for each prompt; return only the generated text, not the prompt."""
+                   min_new_tokens: int = 0, decoder: Decoder | None = None) -> list[str]:
+    """Generate a continuation for each prompt; return only the generated text, not the prompt. `decoder`
+    (components/lib/decoding.py; default: `auto` choices) decodes greedy and plain sampling; the other strategies
+    are transformers' generate."""
     import torch
 
     config = generation_config(tokenizer, strategy, max_new_tokens, min_new_tokens, temperature=temperature,
@@ -81,8 +91,8 @@ def generate_texts(model, tokenizer, prompts: list[str], strategy: str = "greedy
             torch.manual_seed(seed)
             for i in range(0, len(prompts), batch_size):
                 batch = encode_prompts(tokenizer, prompts[i:i + batch_size], device)
-                out = model.generate(**batch, generation_config=config)
-                new = out[:, batch["input_ids"].shape[1]:]
+                out = (decoder or Decoder()).generate(model, batch["input_ids"], batch["attention_mask"], config)
+                new = out if _is_seq2seq(model) else out[:, batch["input_ids"].shape[1]:]
                 texts += tokenizer.batch_decode(new, skip_special_tokens=True)
     return texts
 
@@ -100,53 +110,50 @@ def generate_ids(model, tokenizer, prompts: list[str], strategy: str = "greedy",
         return model.generate(**batch, generation_config=config), batch
 
 
-class StopAtLineEnd:
-    """Stop each sequence once it produced EOS or a token containing a newline (answers are one line)."""
+def _is_seq2seq(model) -> bool:
+    return bool(getattr(model.config, "is_encoder_decoder", False))
 
-    def __init__(self, tokenizer):
-        import torch
 
-        texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
-        ids = [i for i, text in enumerate(texts) if "\n" in text] + [tokenizer.eos_token_id]
-        self.ids = torch.tensor([i for i in ids if i is not None])
-
-    def __call__(self, input_ids, scores, **kwargs):
-        import torch
-
-        return torch.isin(input_ids[:, -1], self.ids.to(input_ids.device))
+def answer_batches(encoded: list[list[int]], batch_size: int, pad_left: bool) -> list[list[int]]:
+    """Indices of `encoded` in batches: sorted by length and cut every `batch_size` (left padding within a batch
+    of similar lengths), or, without `pad_left`, one length per batch (no padding at all)."""
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    if pad_left:
+        return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    by_length: dict[int, list[int]] = defaultdict(list)
+    for i in order:
+        by_length[len(encoded[i])].append(i)
+    return [members[i:i + batch_size] for members in by_length.values() for i in range(0, len(members), batch_size)]
 
 
 def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int = 24, batch_size: int = 64,
-                     reserve: int = 0, one_line: bool = True) -> list[str]:
+                     reserve: int = 0, one_line: bool = True, decoder: Decoder | None = None) -> list[str]:
     """Greedy one-line answers: each prompt's continuation up to its first newline or EOS (`one_line` False:
-    up to EOS).
+    up to EOS), decoded by `decoder` (components/lib/decoding.py; default: `auto` choices).
 
-    Prompts are grouped by token length so that no batch needs padding (left padding depends on each model's
-    position handling, equal lengths do not). `reserve` leaves room for prompt-tuning's virtual tokens.
+    Prompts are sorted by token length and batched with left padding, one prefill per batch, where padding
+    leaves a row's tokens unchanged (decoding.pads_left_safely); other models get batches of one length, which
+    need no padding. A batch stops as soon as every row has ended its line. `reserve` leaves room for
+    prompt-tuning's virtual tokens.
     """
     import torch
-    from transformers import StoppingCriteriaList
+    from transformers import GenerationConfig
 
     from components.lib.models import context_length
 
-    limit = context_length(model) - max_new_tokens - reserve
+    limit = context_length(model) - (0 if _is_seq2seq(model) else max_new_tokens) - reserve
     encoded = [(encode(tokenizer, p) or [start_token(tokenizer)])[-limit:] for p in prompts]
-    by_length: dict[int, list[int]] = defaultdict(list)
-    for i, ids in enumerate(encoded):
-        by_length[len(ids)].append(i)
-    stop = StoppingCriteriaList([StopAtLineEnd(tokenizer)] if one_line else [])
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_token(tokenizer),
+                              eos_token_id=tokenizer.eos_token_id)
+    stop = line_end_ids(tokenizer) if one_line else []
+    decoder = decoder or Decoder()
     device = next(model.parameters()).device
     answers = [""] * len(prompts)
-    with evaluating(model):
-        with torch.inference_mode():
-            for length, members in by_length.items():
-                for first in range(0, len(members), batch_size):
-                    chunk = members[first:first + batch_size]
-                    ids = torch.tensor([encoded[i] for i in chunk], device=device)
-                    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                         max_new_tokens=max_new_tokens, do_sample=False, stopping_criteria=stop,
-                                         pad_token_id=pad_token(tokenizer), eos_token_id=tokenizer.eos_token_id)
-                    for i, row in zip(chunk, out[:, length:]):
-                        text = tokenizer.decode(row, skip_special_tokens=True)
-                        answers[i] = text.split("\n", 1)[0] if one_line else text.strip()
+    with evaluating(model), torch.inference_mode():
+        for chunk in answer_batches(encoded, batch_size, pads_left_safely(model)):
+            ids, mask = left_padded([encoded[i] for i in chunk], pad_token(tokenizer), device)
+            out = decoder.generate(model, ids, mask, config, stop)
+            for i, row in zip(chunk, out if _is_seq2seq(model) else out[:, ids.shape[1]:]):
+                text = tokenizer.decode(row, skip_special_tokens=True)
+                answers[i] = text.split("\n", 1)[0] if one_line else text.strip()
     return answers

@@ -28,16 +28,19 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, Any, str | None]]:
                     yield n, None, f"not valid JSON ({err.msg} at column {err.colno})"
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
-    """The rows of a JSONL file of objects, each tagged `_where` (file:line); the first bad line raises."""
-    rows = []
+def jsonl_rows(path: str | Path) -> Iterator[dict]:
+    """The rows of a JSONL file of objects, read lazily, each tagged `_where` (file:line); a bad line raises."""
     for n, row, error in iter_jsonl(path):
         if error:
             raise ValueError(f"{path}:{n}: {error}")
         if not isinstance(row, dict):
             raise ValueError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
-        rows.append({**row, "_where": f"{path}:{n}"})
-    return rows
+        yield {**row, "_where": f"{path}:{n}"}
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """The rows of a JSONL file of objects, each tagged `_where` (file:line); the first bad line raises."""
+    return list(jsonl_rows(path))
 
 
 def expand(patterns: list[str], resolve: Callable[[str], Path], field: str) -> list[Path]:
@@ -56,15 +59,19 @@ def read_jsonl_files(patterns: list[str], resolve: Callable[[str], Path], field:
     return [row for path in expand(patterns, resolve, field) for row in read_jsonl(path)]
 
 
-def split_rows(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """(kept, held out): `fraction` of the rows held out by a seeded hash of their content, so the split does
-    not move when rows are added or reordered; at least one row is held out when there are two or more."""
-    def held(row: dict) -> bool:
-        text = json.dumps({k: v for k, v in row.items() if k != "_where"}, sort_keys=True, default=str)
-        return int(hashlib.sha256(f"{seed}|{text}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < fraction
+def held_out(row: dict, fraction: float, seed: int) -> bool:
+    """Whether a row is held out: a seeded hash of its content (not its file:line) below `fraction`."""
+    text = json.dumps({k: v for k, v in row.items() if k != "_where"}, sort_keys=True, default=str)
+    return int(hashlib.sha256(f"{seed}|{text}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < fraction
 
-    kept = [r for r in rows if not held(r)]
-    out = [r for r in rows if held(r)]
+
+def split_rows(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """(kept, held out): `fraction` of the rows held out by a seeded hash of their content (`held_out`), so the
+    split does not move when rows are added or reordered; at least one row is held out when there are two or
+    more (the last kept one). A streamed file splits the same way (components/lib/datasources.py)."""
+    held = [held_out(r, fraction, seed) for r in rows]
+    kept = [r for r, h in zip(rows, held) if not h]
+    out = [r for r, h in zip(rows, held) if h]
     if not out and len(rows) > 1:
         out, kept = kept[-1:], kept[:-1]
     return kept, out

@@ -27,6 +27,9 @@ class Meter:
         self.trained = False
         _METERS.append(self)
 
+    # Counted eagerly: under torch.compile (trainer.compile, generation.compile) the counts would otherwise be
+    # guarded constants, recompiling the graph on every call, or be traced away.
+    @torch.compiler.disable
     def __call__(self, module: torch.nn.Module, args: tuple) -> None:
         model = self.model() if self.model is not None else None
         if model is None or not args or not isinstance(args[0], torch.Tensor):

@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from components.lib.context import StepContext
+from components.lib.phases import charged
 
 # Explicit so that MLflow does not infer them from the environment (it probes for torchvision, absent here).
 PIP_REQUIREMENTS = ("torch", "transformers", "tokenizers", "safetensors", "accelerate")
@@ -43,23 +44,31 @@ def generation_signature():
                                               ParamSpec("num_beams", "long", 1)]))
 
 
+@charged("logging")  # the ledger's split of the step's time (components/lib/phases.py)
 def log_transformers_model(ctx: StepContext, folder: Path, artifact_path: str = "model",
                            task: str = "text-generation", registered_name: str | None = None) -> str:
-    """Log `folder` (model + tokenizer) under the step's run; return the model URI ('' without a run)."""
+    """Log `folder` (model + tokenizer) under the step's run; return the model URI ('' without a run). An
+    encoder-decoder is logged as the pyfunc generator of `seq2seq_pyfunc` instead."""
     if ctx.run_id is None:
         return ""
     import mlflow
     from mlflow.tracking import MlflowClient
-    from components.lib.models import is_masked_model, load_model
+    from components.lib.models import is_masked_model, is_seq2seq_model, load_model
 
+    seq2seq = is_seq2seq_model(str(folder))
     masked = is_masked_model(str(folder))
-    model, tokenizer = load_model(folder, "masked" if masked else "causal")
+    if not seq2seq:
+        model, tokenizer = load_model(folder, "masked" if masked else "causal")
     if masked and task == "text-generation":
         task = "fill-mask"
     client = MlflowClient(tracking_uri=ctx.tracking_uri)
     with tracking_to(ctx.tracking_uri):
         try:
             with mlflow.start_run(run_id=ctx.run_id, nested=True):
+                if seq2seq:
+                    info = mlflow.pyfunc.log_model(name=artifact_path, registered_model_name=registered_name,
+                                                   **seq2seq_pyfunc(folder))
+                    return info.model_uri
                 info = mlflow.transformers.log_model({"model": model, "tokenizer": tokenizer}, name=artifact_path,
                                                      task=task, pip_requirements=pip_requirements(),
                                                      registered_model_name=registered_name,
@@ -69,6 +78,14 @@ def log_transformers_model(ctx: StepContext, folder: Path, artifact_path: str = 
             # start_run's exit marks the run FINISHED; the engine ends the step's run, so keep it running.
             client.update_run(ctx.run_id, status="RUNNING")
     return info.model_uri
+
+
+def seq2seq_pyfunc(folder: Path) -> dict:
+    """`mlflow.pyfunc.log_model`/`save_model` arguments for an encoder-decoder's folder: the generator of
+    seq2seq_serving.py (models from code) with the folder as its artifact `model`. MLflow's transformers flavor
+    cannot serve one under transformers 5, which has no text2text-generation pipeline."""
+    return {"python_model": str(Path(__file__).with_name("seq2seq_serving.py")), "artifacts": {"model": str(folder)},
+            "signature": generation_signature(), "pip_requirements": pip_requirements()}
 
 
 @contextmanager

@@ -18,10 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from components.lib import sequence_models  # noqa: F401 - registers mlp/rnn/lstm with transformers' Auto classes
+from components.lib.phases import charged
 
 SEQUENCE_FAMILIES = ("mlp", "rnn", "lstm")  # causal LMs before transformers (components/lib/sequence_models.py)
 CAUSAL_FAMILIES = ("llama", "gpt2", *SEQUENCE_FAMILIES)
 MASKED_FAMILIES = ("bert", "roberta")
+SEQ2SEQ_FAMILIES = ("t5",)  # encoder-decoders, trained with T5's span corruption (components/lib/span_corruption.py)
 # transformers 5 names the class of a tokenizers-backed tokenizer `TokenizersBackend`, which transformers 4
 # does not know; `PreTrainedTokenizerFast` loads the same files in both and gives the same ids.
 PORTABLE_TOKENIZER_CLASS = "PreTrainedTokenizerFast"
@@ -62,14 +64,27 @@ def is_masked_model(source_or_config) -> bool:
     return config.model_type in MASKED_FAMILIES
 
 
+def is_seq2seq_model(source_or_config) -> bool:
+    """Tell an encoder-decoder (T5-like: the prompt goes to the encoder, the answer comes from the decoder) by its
+    config."""
+    from transformers import AutoConfig
+
+    config = source_or_config if not isinstance(source_or_config, (str, Path)) else \
+        AutoConfig.from_pretrained(str(source_or_config), trust_remote_code=trusts_code(source_or_config))
+    return bool(getattr(config, "is_encoder_decoder", False))
+
+
 def is_adapter(source: str | Path) -> bool:
     return (Path(source) / "adapter_config.json").is_file()
 
 
+@charged("startup")  # the ledger's split of the step's time (components/lib/phases.py)
 def load_model(source: str | Path, objective: str = "causal", base: str | None = None, **kw: Any):
     """(model, tokenizer) from any folder a step writes, or a hub id.
 
-    `objective`: `causal`, `masked`, or `auto` (whichever the config describes). A peft adapter folder is
+    `objective`: `causal`, `masked`, `span_corruption`, or `auto` (whichever the config describes); an
+    encoder-decoder folder loads as one (AutoModelForSeq2SeqLM) under `causal` too, since it generates from a
+    prompt as a causal LM does. A peft adapter folder is
     merged into its base (`base`, else the one its config names); a torchao int8 folder loads through
     transformers' TorchAoConfig (its config.json), an int4 one is quantized as it loads (its quantization.json;
     components/lib/quantize.py). `kw` goes to `from_pretrained` (e.g. `dtype`).
@@ -88,11 +103,12 @@ def load_model(source: str | Path, objective: str = "causal", base: str | None =
         model, _ = load_model(base, objective, **kw)
         merged = PeftModel.from_pretrained(model, source).merge_and_unload()
         return merged, load_tokenizer(source if (Path(source) / "tokenizer_config.json").is_file() else base)
+    check_trusted(source)  # before any read of the config, which may name code of its own
     masked = is_masked_model(source) if objective == "auto" else objective == "masked"
-    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+    seq2seq = objective == "span_corruption" or (not masked and is_seq2seq_model(source))
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSeq2SeqLM
 
-    auto = AutoModelForMaskedLM if masked else AutoModelForCausalLM
-    check_trusted(source)
+    auto = AutoModelForSeq2SeqLM if seq2seq else AutoModelForMaskedLM if masked else AutoModelForCausalLM
     try:
         model = auto.from_pretrained(source, use_safetensors=True, trust_remote_code=trusts_code(source), **kw)
     except OSError:
@@ -145,9 +161,12 @@ def save_tokenizer(tokenizer, folder: str | Path) -> None:
     data = json.loads(config.read_text())
     if data.get("tokenizer_class") == "TokenizersBackend":
         data["tokenizer_class"] = PORTABLE_TOKENIZER_CLASS
-        config.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    if isinstance(data.get("extra_special_tokens"), list):  # T5's sentinels: 5 writes a list, 4 reads this name
+        data["additional_special_tokens"] = data.pop("extra_special_tokens")
+    config.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
+@charged("logging")  # the ledger's split of the step's time (components/lib/phases.py)
 def save_pretrained(model, tokenizer, folder: str | Path) -> Path:
     """A standalone transformers folder: the weights (safetensors) and a tokenizer every version loads."""
     folder = Path(folder)
@@ -159,7 +178,7 @@ def save_pretrained(model, tokenizer, folder: str | Path) -> Path:
 def build_config(model_spec, tokenizer):
     """A transformers config for `model_spec` (family, layers, hidden, heads, intermediate, context, dropout; the
     mlp's window and direct connections)."""
-    from transformers import BertConfig, GPT2Config, LlamaConfig, RobertaConfig
+    from transformers import BertConfig, GPT2Config, LlamaConfig, RobertaConfig, T5Config
 
     m = model_spec
     inter = m.intermediate or 4 * m.hidden
@@ -174,6 +193,11 @@ def build_config(model_spec, tokenizer):
         return LlamaConfig(hidden_size=m.hidden, intermediate_size=inter, num_hidden_layers=m.layers,
                            num_attention_heads=m.heads, num_key_value_heads=m.kv_heads or m.heads,
                            max_position_embeddings=m.context, attention_dropout=m.dropout, **common)
+    if m.family == "t5":  # Raffel et al. 2020's: ReLU feed-forward, relative position buckets; `layers` each side
+        return T5Config(d_model=m.hidden, d_kv=m.hidden // m.heads, d_ff=inter, num_layers=m.layers,
+                        num_decoder_layers=m.layers, num_heads=m.heads, dropout_rate=m.dropout,
+                        feed_forward_proj="relu", n_positions=m.context,
+                        decoder_start_token_id=tokenizer.pad_token_id, **common)
     if m.family == "gpt2":
         return GPT2Config(n_embd=m.hidden, n_inner=inter, n_layer=m.layers, n_head=m.heads, n_positions=m.context,
                           resid_pdrop=m.dropout, embd_pdrop=m.dropout, attn_pdrop=m.dropout, **common)
@@ -185,18 +209,20 @@ def build_config(model_spec, tokenizer):
                attention_probs_dropout_prob=m.dropout, type_vocab_size=1, **common)
 
 
+@charged("startup")  # the ledger's split of the step's time (components/lib/phases.py)
 def build_model(model_spec, tokenizer, objective: str):
-    """A freshly initialised causal or masked LM from the spec's `model:` section."""
-    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+    """A freshly initialised causal LM, masked LM or encoder-decoder from the spec's `model:` section."""
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSeq2SeqLM
 
     from components.lib.meter import meter
 
-    want = CAUSAL_FAMILIES if objective == "causal" else MASKED_FAMILIES
+    want = {"causal": CAUSAL_FAMILIES, "masked": MASKED_FAMILIES, "span_corruption": SEQ2SEQ_FAMILIES}[objective]
     if model_spec.family not in want:
         raise ValueError(f"model.family '{model_spec.family}' cannot train the {objective} objective; "
                          f"expected one of {', '.join(want)}")
     config = build_config(model_spec, tokenizer)
-    auto = AutoModelForCausalLM if objective == "causal" else AutoModelForMaskedLM
+    auto = {"causal": AutoModelForCausalLM, "masked": AutoModelForMaskedLM,
+            "span_corruption": AutoModelForSeq2SeqLM}[objective]
     return meter(auto.from_config(config))
 
 

@@ -30,7 +30,8 @@ def apply_peft(model, spec: PeftSpec, tokenizer=None):
 
         if is_kbit(model):  # QLoRA: norms in float32, inputs that carry gradients, activation checkpointing
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
-        return get_peft_model(model, peft_config(spec, tokenizer))
+        seq2seq = getattr(getattr(model, "config", None), "is_encoder_decoder", False)  # t5
+        return get_peft_model(model, peft_config(spec, tokenizer, seq2seq))
     for p in model.parameters():
         p.requires_grad_(spec.method != "bitfit")
     if spec.method == "bitfit":
@@ -44,26 +45,29 @@ def apply_peft(model, spec: PeftSpec, tokenizer=None):
     return model
 
 
-def peft_config(spec: PeftSpec, tokenizer=None):
-    """The peft config object for an adapter method."""
+def peft_config(spec: PeftSpec, tokenizer=None, seq2seq: bool = False):
+    """The peft config object for an adapter method (`seq2seq`: for an encoder-decoder, whose peft model passes
+    the decoder's labels through)."""
     from peft import IA3Config, LoraConfig, PromptTuningConfig, PromptTuningInit, TaskType
+
+    task = TaskType.SEQ_2_SEQ_LM if seq2seq else TaskType.CAUSAL_LM
 
     if spec.method == "lora":
         # peft takes the shorthand only as a bare string
         targets = "all-linear" if spec.target_modules == ["all-linear"] else spec.target_modules
-        return LoraConfig(task_type=TaskType.CAUSAL_LM, r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
+        return LoraConfig(task_type=task, r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
                           target_modules=targets, use_rslora=spec.use_rslora, use_dora=spec.use_dora)
     if spec.method == "ia3":
         ff = spec.feedforward_modules
         if spec.target_modules and ff is None:
             ff = [m for m in spec.target_modules if m.split(".")[-1] in FEEDFORWARD_NAMES]
-        return IA3Config(task_type=TaskType.CAUSAL_LM, target_modules=spec.target_modules, feedforward_modules=ff)
+        return IA3Config(task_type=task, target_modules=spec.target_modules, feedforward_modules=ff)
     if spec.init_text is None:
-        return PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=spec.num_virtual_tokens,
+        return PromptTuningConfig(task_type=task, num_virtual_tokens=spec.num_virtual_tokens,
                                   prompt_tuning_init=PromptTuningInit.RANDOM)
     if tokenizer is None:
         raise ValueError("peft.init_text needs the tokenizer (pass tokenizer= to apply_peft)")
-    return PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=spec.num_virtual_tokens,
+    return PromptTuningConfig(task_type=task, num_virtual_tokens=spec.num_virtual_tokens,
                               prompt_tuning_init=PromptTuningInit.TEXT, prompt_tuning_init_text=spec.init_text,
                               tokenizer_name_or_path=tokenizer.name_or_path)
 

@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Callable
 
 from components.lib import tasks as T
-from components.lib.io import read_jsonl, read_jsonl_files, split_rows
+from components.lib import datasources
+from components.lib.datasources import Draws
+from components.lib.io import expand
 from components.lib.text import encode_completion, render_chat
 from schemas.data import PreferenceDataSpec
 
@@ -113,23 +115,44 @@ def normalize_pair(row: dict, tokenizer=None) -> dict:
 
 
 def load_preferences(data: PreferenceDataSpec, seed: int, resolve: Callable[[str], Path],
-                     step_data: Path | None = None, tokenizer=None) -> tuple[list[dict], list[dict]]:
-    """(train, held-out) preference rows for a `data:` section; `step_data`: the data folder of `data.step`."""
-    if data.builtin == "preferences":
-        train = builtin_pairs(seed, "train", data.n_per_task, data.tasks)
-        held = builtin_pairs(seed, "eval", max(8, data.n_per_task // 4), data.tasks)
+                     step_data: Path | Callable[[str], Path] | None = None,
+                     tokenizer=None) -> tuple[list[dict] | Draws, list[dict]]:
+    """(train, held-out) preference rows for a `data:` section; `step_data`: the data folder of `data.step`, or
+    a function giving each step's (a mixture may read several). The training pairs are a list (for a mixture,
+    its drawn pass: `datasources.MixedRows`), or endless `datasources.Draws` when a source is streamed; a
+    mixture's held-out pairs are every source's own, concatenated."""
+    folder = step_data if callable(step_data) else (lambda name: step_data)
+    entries = data.mixture or [data]
+    sources = [datasources.Source(e.source_name() if data.mixture else "data", getattr(e, "weight", 1.0),
+                                  *_source_pairs(e, data, seed, resolve, folder, tokenizer,
+                                                 f"data.mixture[{i}]" if data.mixture else "data"))
+               for i, e in enumerate(entries)]
+    if not any(s.streamed for s in sources) and not all(s.train for s in sources):
+        empty = next(i for i, s in enumerate(sources) if not s.train)
+        raise ValueError(f"data{f'.mixture[{empty}]' if data.mixture else ''}: no training preference pairs left "
+                         "after holding out the eval rows")
+    return (datasources.training_rows(sources, seed, data.mixture_size, mixed=data.mixture is not None),
+            datasources.held_rows(sources))
+
+
+def _source_pairs(source, data: PreferenceDataSpec, seed: int, resolve: Callable[[str], Path],
+                  folder: Callable[[str], Path], tokenizer, field: str):
+    """(training, held-out) pairs of one source: the builtin pairs, JSONL files, or a step's preferences.jsonl."""
+    if source.builtin == "preferences":
+        train = builtin_pairs(seed, "train", source.n_per_task, source.tasks)
+        held = builtin_pairs(seed, "eval", max(8, source.n_per_task // 4), source.tasks)
         return [normalize_pair(r) for r in train], [normalize_pair(r) for r in held]
-    if data.step is not None:
-        rows, eval_rows = read_jsonl(Path(step_data) / "preferences.jsonl"), []
+    if source.step is not None:
+        path = Path(folder(source.step)) / "preferences.jsonl"
+        if not path.is_file():
+            raise FileNotFoundError(f"{field}.step: step '{source.step}' wrote no preferences.jsonl in its data "
+                                    f"output ({path.parent})")
+        paths, evals = [path], []
     else:
-        rows = read_jsonl_files(data.files, resolve, "data.files")
-        eval_rows = read_jsonl_files(data.eval_files or [], resolve, "data.eval_files")
-    if not eval_rows:
-        rows, eval_rows = split_rows(rows, data.eval_fraction, seed)
-    pairs = [normalize_pair(r, tokenizer) for r in rows]
-    if not pairs:
-        raise ValueError("data: no training preference pairs left after holding out the eval rows")
-    return pairs, [normalize_pair(r, tokenizer) for r in eval_rows]
+        paths = expand(source.files, resolve, f"{field}.files")
+        evals = expand(source.eval_files, resolve, f"{field}.eval_files") if source.eval_files else []
+    return datasources.file_source(paths, evals, data.eval_fraction, seed, data.stream, field,
+                                   lambda row: normalize_pair(row, tokenizer))
 
 
 def prompt_row(row: dict, tokenizer=None) -> dict:

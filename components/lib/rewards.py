@@ -18,6 +18,8 @@ from typing import Callable
 
 import torch
 
+from components.lib.phases import charged
+
 RewardFn = Callable[[str, str, dict], float]
 REWARDS: dict[str, RewardFn] = {}
 
@@ -130,12 +132,14 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(1) - 1).clamp(min=0)
 
 
-def token_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """The score head applied at every position: (batch, length). Used as reward and as critic values."""
+def token_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                 positions: torch.Tensor | None = None) -> torch.Tensor:
+    """The score head applied at every position: (batch, length). Used as reward and as critic values.
+    A packed batch (components/lib/packing.py) gives `positions` and no attention mask."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     backbone = getattr(inner, inner.base_model_prefix)
-    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask,
-                      position_ids=position_ids(attention_mask)).last_hidden_state
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                      position_ids=position_ids(attention_mask) if positions is None else positions).last_hidden_state
     return inner.score(hidden).squeeze(-1).float()
 
 
@@ -145,6 +149,17 @@ def sequence_rewards(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
     return scores.gather(1, pooled_index(attention_mask)[:, None]).squeeze(1)
 
 
+def batch_rewards(model, batch: dict) -> torch.Tensor:
+    """One reward per sequence of a padded batch (`sequence_rewards`) or a packed one (read at each sequence's
+    last token)."""
+    if "sequence_index" not in batch:
+        return sequence_rewards(model, batch["input_ids"], batch["attention_mask"])
+    from components.lib.packing import at_last_tokens
+
+    return at_last_tokens(token_scores(model, batch["input_ids"], None, batch["position_ids"]), batch["last_index"])
+
+
+@charged("startup")  # the ledger's split of the step's time (components/lib/phases.py)
 def load_reward_model(source: str, seed: int = 0):
     """(model, tokenizer): a one-output classification head on `source`, with a pad distinct from EOS."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -182,6 +197,7 @@ def read_reward_stats(folder: str | Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+@charged("startup")
 def load_frozen_reward_model(source: str, tokenizer, stats: dict | None = None, normalize: bool = True):
     """(model, mean, scale) to score a policy's rollouts: the frozen reward model, the reference mean to subtract
     and the held-out reward std to divide by (1 unless `normalize`), from `stats` (the reward_model step's info)

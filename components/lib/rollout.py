@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from components.lib.decoding import Decoder
 from components.lib.rewards import position_ids
 
 INVALID_LOGPROB = 1.0  # filler for log-probs past the end: equal on both sides, so the KL there is 0
@@ -90,14 +91,15 @@ def left_pad(rows: list[list[int]], pad_id: int, device=None) -> tuple[torch.Ten
 
 @torch.no_grad()
 def sample(policy, query: torch.Tensor, query_mask: torch.Tensor, max_new_tokens: int, temperature: float,
-           eos_id: int, pad_id: int, greedy: bool = False) -> Rollout:
-    """Sample one response per prompt, cut after its first EOS."""
+           eos_id: int, pad_id: int, greedy: bool = False, decoder: Decoder | None = None) -> Rollout:
+    """Sample one response per prompt, cut after its first EOS; `decoder` (components/lib/decoding.py, default
+    `auto` choices) decodes as `generate` would, token for token under the same seed."""
     from transformers import GenerationConfig
 
     config = GenerationConfig(max_new_tokens=max_new_tokens, min_new_tokens=0, do_sample=not greedy,
                               temperature=temperature if not greedy else 1.0, top_k=0, top_p=1.0,
                               eos_token_id=eos_id, pad_token_id=pad_id)
-    out = policy.generate(input_ids=query, attention_mask=query_mask, generation_config=config)
+    out = (decoder or Decoder()).generate(policy, query, query_mask, config)
     responses = out[:, query.shape[1]:]
     if responses.shape[1] < max_new_tokens:  # every row stopped early: pad to the window
         fill = torch.full((len(responses), max_new_tokens - responses.shape[1]), pad_id, device=responses.device)

@@ -12,6 +12,9 @@ document is predicted exactly once and the same model gives the same log-likelih
 **Masked models** score consecutive blocks of `context` tokens (the last one shorter), 15% of the non-special
 tokens masked BERT's way with a fixed seed, and predict the masked ones.
 
+**Encoder-decoders** score consecutive blocks under T5's span corruption with a fixed seed, and predict the
+targets (components/lib/span_corruption.py, components/lib/seq2seq.py).
+
 Used by pretrain's validation, evaluate, finetune's forgetting report, optimize and monitor.
 """
 
@@ -128,9 +131,11 @@ class Scores:
     def perplexity(self) -> float:
         return perplexity(self.nll, self.count)
 
-    def metrics(self, masked: bool = False) -> dict[str, float]:
-        """`loss`, `perplexity`, `tokens` and the top-1/top-5 rates (`masked_*` for a masked model)."""
-        top1, top5 = ("masked_accuracy", "masked_top5") if masked else ("next_token_top1", "next_token_top5")
+    def metrics(self, masked: bool = False, objective: str | None = None) -> dict[str, float]:
+        """`loss`, `perplexity`, `tokens` and the top-1/top-5 rates (`masked_*` for a masked model, `span_*` for the
+        targets of span corruption: objective `span_corruption`)."""
+        top1, top5 = ("span_top1", "span_top5") if objective == "span_corruption" else \
+            ("masked_accuracy", "masked_top5") if masked else ("next_token_top1", "next_token_top5")
         n = max(self.count, 1)
         return {"loss": self.loss, "perplexity": perplexity(self.nll, self.count), top1: self.top1 / n,
                 top5: self.top5 / n, "tokens": float(self.count)}

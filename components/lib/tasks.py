@@ -138,3 +138,13 @@ def polite_requests(seed: int, n: int) -> list[dict]:
         rows.append({"prompt": f"Ask someone to {request}.", "chosen": f"{polite_opener} {request}.",
                      "rejected": f"{rude_opener} {request}.", "principle": "polite"})
     return rows
+
+
+def reviews(seed: int, split: str, n: int) -> list[dict]:
+    """Distinct reviews of the `sentiment` task as {"text", "label"} rows, `n` at most, of one split ("train"
+    or "eval", the task's own seeded hold-out): a held-out review is a noun/adjective pair no training review has."""
+    space, _, render = _TASKS["sentiment"]
+    keys = [(noun, adjective) for noun in NOUNS for adjective in POSITIVE + NEGATIVE
+            if held_out(seed, space, (noun, adjective)) == (split == "eval")]
+    random.Random(f"{seed}|{split}|reviews").shuffle(keys)
+    return [{"text": text, "label": label} for text, label in (render(key, None) for key in keys[:n])]

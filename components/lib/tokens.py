@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+BLOCK_OBJECTIVES = ("masked", "span_corruption")  # validated on consecutive blocks the module corrupts itself
+
 
 def read_tokens(folder: Path, split: str) -> np.memmap:
     meta = json.loads((folder / "meta.json").read_text())
@@ -42,7 +44,7 @@ class BlockDataset(Dataset):
 
 class TokenDataModule(L.LightningDataModule):
     """Shuffled (seeded) training blocks; the first `val_batches` batches of held-out windows (causal: scored
-    per document, `scoring.heldout_windows`; masked: consecutive blocks, `scoring.blocks`)."""
+    per document, `scoring.heldout_windows`; masked and span_corruption: consecutive blocks, `scoring.blocks`)."""
 
     def __init__(self, token_dir: str, context: int = 128, batch_size: int = 16, val_batches: int = 8,
                  seed: int = 0, objective: str = "causal", tokenizer=None, num_workers: int = 0):
@@ -58,7 +60,7 @@ class TokenDataModule(L.LightningDataModule):
         if len(self.train_set) == 0:
             raise ValueError(f"training tokens ({len(self.train_set.tokens)}) are fewer than one block of "
                              f"{ctx}; lower model.context or use a larger corpus")
-        if self.hparams.objective == "masked":
+        if self.hparams.objective in BLOCK_OBJECTIVES:
             self.val_set = scoring.blocks(read_tokens(self.token_dir, "val"), ctx, limit)
         else:
             self.val_set = scoring.heldout_windows(self.token_dir, self.tokenizer, ctx, limit)
@@ -73,7 +75,7 @@ class TokenDataModule(L.LightningDataModule):
         from components.lib import scoring
         from components.lib.text import pad_token
 
-        collate = scoring.pad_blocks if self.hparams.objective == "masked" else scoring.collate_windows
+        collate = scoring.pad_blocks if self.hparams.objective in BLOCK_OBJECTIVES else scoring.collate_windows
         return DataLoader(self.val_set, batch_size=self.hparams.batch_size, shuffle=False,
                           collate_fn=functools.partial(collate, pad_id=pad_token(self.tokenizer)),
                           num_workers=self.hparams.num_workers)

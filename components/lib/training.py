@@ -20,6 +20,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import MLFlowLogger
 
+from components.lib import phases
 from components.lib.context import StepContext
 from schemas.base import OptimizerSpec, ScheduleSpec, TrainingLoop
 
@@ -125,6 +126,10 @@ class StepLogger(MLFlowLogger):
 
     def finalize(self, status: str = "success") -> None:  # the engine ends the run, not Lightning
         return None
+
+    def log_metrics(self, metrics, step=None) -> None:  # noqa: D102 - charged to the ledger's logging phase
+        with phases.charge("logging"):
+            super().log_metrics(metrics, step)
 
 
 class ClipGradNorm(Callback):
@@ -255,6 +260,10 @@ def make_trainer(ctx: StepContext, loop: TrainingLoop, steps: int, params: int =
     elif not manual:
         cbs.append(PrintProgress(ctx.name, steps))
     cbs += callbacks or []
+    if ctx.trial is not None and validate:  # a sweep's Optuna trial with pruning (flows/sweeps.py)
+        from components.lib.trials import PruneTrial
+
+        cbs.append(PruneTrial(ctx.trial))
     logger = StepLogger(run_id=ctx.run_id, tracking_uri=ctx.tracking_uri) if ctx.run_id else False
     t = ctx.trainer
     precision = resolve_precision(t.precision, t.accelerator)
@@ -268,7 +277,8 @@ def make_trainer(ctx: StepContext, loop: TrainingLoop, steps: int, params: int =
         check_val_every_n_epoch=None, limit_val_batches=loop.val_batches if validate else 0,
         num_sanity_val_steps=0, logger=logger, callbacks=cbs, enable_progress_bar=tty,
         enable_model_summary=False, log_every_n_steps=1 if manual else max(1, min(10, steps // 10)),
-        default_root_dir=str(ctx.ckpt_dir), benchmark=False)
+        default_root_dir=str(ctx.ckpt_dir), benchmark=False,
+        profiler=phases.lightning_profiler())  # data fetching and checkpoints, for the ledger's split of time
 
 
 def perf_metrics(trainer: L.Trainer) -> dict[str, float]:
@@ -295,9 +305,84 @@ def last_checkpoint(ctx: StepContext) -> str | None:
     return None
 
 
+# `compile: auto` measures before it decides (benchmarks/bench_compile.py measured the constants here, 2-core
+# CPU, 2026-12-02): compiling a pretrain step made it 1.54x faster, after a one-off compile of about 170 s; a
+# finetune step, whose batch shape changes batch to batch, recompiled each time and ran at 0.11x.
+COMPILE_PROBE_STEPS = 20
+"""`auto` times this many eager optimizer steps (after the first) before deciding."""
+COMPILE_SPEEDUP = 1.3
+"""The speed-up `auto` expects of a compiled step (conservative against the 1.54x measured)."""
+COMPILE_SECONDS = {"cpu": 170.0, "cuda": 60.0}
+"""The one-off compile time `auto` expects, by device."""
+
+
+def should_compile(setting: bool | str, fixed_shapes: bool, generates: bool = False) -> bool | None:
+    """Whether `trainer.compile` compiles a step: True, False, or None for "measure first" (`auto` on a kind
+    whose batches keep one shape, pretrain: `AutoCompile` decides after timing the first steps). `auto` never
+    compiles batches of changing shapes (each shape recompiles) nor the kinds that generate with the model they
+    train (ppo, grpo: each rollout length would recompile)."""
+    if setting != "auto":
+        return bool(setting)
+    return None if fixed_shapes and not generates else False
+
+
+def pays_back(step_seconds: float, steps_left: int, device: str) -> bool:
+    """Whether compiling now saves more time over the remaining steps than the compile costs."""
+    saved = step_seconds * steps_left * (1 - 1 / COMPILE_SPEEDUP)
+    return saved > COMPILE_SECONDS["cuda" if device == "cuda" else "cpu"]
+
+
+def compile_trained(module: L.LightningModule) -> list[str]:
+    """Compile, in place, each network of the module that has trainable parameters (`nn.Module.compile`: the
+    parameter names and the state dict stay as they are, so checkpoints and saved folders do not change)."""
+    names = []
+    for name, child in module.named_children():
+        if any(p.requires_grad for p in child.parameters()):
+            child.compile()
+            names.append(name)
+    return names
+
+
+class AutoCompile(Callback):
+    """`compile: auto` on a fixed-shape kind: time optimizer steps 2..COMPILE_PROBE_STEPS+1 eagerly, then compile
+    if the remaining steps at that pace would win the compile time back (`pays_back`); say what it decided."""
+
+    def __init__(self, step_name: str):
+        self.step_name, self.started, self.decided = step_name, None, False
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        if self.decided or trainer.global_step < 1:
+            return
+        if self.started is None:
+            self.started, self.first = time.perf_counter(), trainer.global_step
+            return
+        done = trainer.global_step - self.first
+        if done < COMPILE_PROBE_STEPS:
+            return
+        self.decided = True
+        pace, left = (time.perf_counter() - self.started) / done, trainer.max_steps - trainer.global_step
+        device = module.device.type
+        if pays_back(pace, left, device):
+            names = compile_trained(module)
+            print(f"{self.step_name}: compile auto: {left} steps left at {pace:.3f} s/step; compiling "
+                  f"{', '.join(names)} (about {COMPILE_SECONDS[device if device == 'cuda' else 'cpu']:.0f} s, "
+                  "won back within the step)", flush=True)
+        else:
+            print(f"{self.step_name}: compile auto: {left} steps left at {pace:.3f} s/step would not win the "
+                  "compile time back; staying eager", flush=True)
+
+
 def fit(trainer: L.Trainer, module: L.LightningModule, datamodule=None, ctx: StepContext | None = None,
-        **loaders) -> None:
-    """Fit, resuming from this fingerprint's last checkpoint when one exists."""
+        fixed_shapes: bool = False, **loaders) -> None:
+    """Fit, resuming from this fingerprint's last checkpoint when one exists, compiling the trained networks
+    when `trainer.compile` says so (`fixed_shapes`: every batch has one shape, which `auto` requires)."""
+    if ctx is not None:
+        decision = should_compile(ctx.trainer.compile, fixed_shapes, generates=not module.automatic_optimization)
+        if decision:
+            print(f"{ctx.name}: compiling {', '.join(compile_trained(module))} (torch.compile; the first step "
+                  "is slow)", flush=True)
+        elif decision is None:
+            trainer.callbacks.append(AutoCompile(ctx.name))
     ckpt = last_checkpoint(ctx) if ctx is not None else None
     if ckpt:
         print(f"{ctx.name}: resuming from {ckpt}", flush=True)

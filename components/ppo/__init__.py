@@ -16,6 +16,7 @@ import lightning as L
 import torch
 
 from components.lib.context import StepContext, StepOutput, effort
+from components.lib.decoding import step_decoder
 from components.lib.policy import held_out, load_policy
 from components.lib.training import fit, make_trainer, world_size
 from schemas.base import TrainingLoop
@@ -50,6 +51,7 @@ def build_module(spec: PPOSpec, ctx: StepContext, policy, tokenizer, scorer, rm)
     """The Lightning module: LoRA or full policy, frozen reference, critic from the RM or a value head."""
     from components.ppo.module import PPOModule
 
+    decoder = step_decoder(ctx)  # trainer.generation: how rollouts decode
     reference = None
     if spec.peft.method == "lora":
         from components.lib.peft import apply_peft
@@ -74,7 +76,8 @@ def build_module(spec: PPOSpec, ctx: StepContext, policy, tokenizer, scorer, rm)
         max_new_tokens=spec.max_new_tokens, max_prompt_length=spec.prompts.max_length, kl_coef=spec.kl.coef,
         kl_target=spec.kl.target, kl_horizon=spec.kl.horizon, kl_estimator=spec.kl.estimator, gamma=spec.gamma,
         lam=spec.lam, clip=spec.clip, value_clip=spec.value_clip, vf_coef=spec.vf_coef,
-        whiten_rewards=spec.whiten_rewards, missing_eos_penalty=spec.missing_eos_penalty, seed=ctx.seed)
+        whiten_rewards=spec.whiten_rewards, missing_eos_penalty=spec.missing_eos_penalty,
+        generation_cache=decoder.cache, generation_compile=decoder.compile, seed=ctx.seed)
 
 
 def run(spec: PPOSpec, ctx: StepContext) -> StepOutput:

@@ -13,6 +13,7 @@ import torch
 
 from components.ppo import core
 from components.ppo.rollout import Rollout, critic_values, response_logprobs, sample
+from components.lib.decoding import Decoder
 from components.lib.rollout import encode_prompts, minibatch_passes, reference_logprobs
 from components.lib.training import configure_optimizer
 
@@ -65,9 +66,11 @@ class PPOModule(L.LightningModule):
                  kl_coef: float = 0.05, kl_target: float | None = None, kl_horizon: int = 10_000,
                  kl_estimator: str = "k1", gamma: float = 1.0, lam: float = 0.95, clip: float = 0.2,
                  value_clip: float = 0.2, vf_coef: float = 0.1, whiten_rewards: bool = False,
-                 missing_eos_penalty: float | None = 1.0, seed: int = 0):
+                 missing_eos_penalty: float | None = 1.0, generation_cache: str = "auto",
+                 generation_compile: bool | str = "auto", seed: int = 0):
         super().__init__()
         self.save_hyperparameters(ignore=["policy", "tokenizer", "scorer", "reference", "critic", "value_head"])
+        self.decoder = Decoder(generation_cache, generation_compile)  # trainer.generation
         self.automatic_optimization = False
         self.policy, self.scorer, self.reference, self.critic, self.value_head = \
             policy, scorer, reference, critic, value_head
@@ -93,7 +96,7 @@ class PPOModule(L.LightningModule):
         hp, tok = self.hparams, self.tokenizer
         query, query_mask = self.encode(rows)
         roll = sample(self.policy, query, query_mask, hp.max_new_tokens, hp.temperature, tok.eos_token_id,
-                      tok.pad_token_id, greedy=greedy)
+                      tok.pad_token_id, greedy=greedy, decoder=self.decoder)
         ids, mask = roll.full()
         context = query.shape[1]
         roll.logprobs, entropy, values = response_logprobs(self.policy, ids, mask, context, roll.responses,

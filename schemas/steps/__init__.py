@@ -15,6 +15,7 @@ from .ppo import PPOSpec
 from .pretrain import PretrainSpec
 from .register import RegisterSpec
 from .reward_model import RewardModelSpec
+from .scaling import ScalingSpec
 from .tokenize import TokenizeSpec
 
 STEP_SPECS = (
@@ -34,4 +35,5 @@ STEP_SPECS = (
     CompareSpec,
     DistillSpec,
     FeedforwardSpec,
+    ScalingSpec,
 )

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Annotated, ClassVar, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from ..base import CausalModelRef, InputFile, ModelRef, Ref, ReferenceFiles, Section, StepSpec, TaskFile
 from ..data import BuiltinTask, one_source
+from .evaluate_inspection import AttentionSpec, DimensionsSpec, ProjectorSpec, SentencesSpec, parse_analogy
 
 # The builtin tasks whose answers are several words: ROUGE and BLEU give partial credit there.
 REFERENCE_TASKS = ["copy", "reverse", "capitalize"]
@@ -90,14 +91,31 @@ class GenerationSpec(Section):
 
 
 class EmbeddingsSpec(Section):
-    """Inspect the input embeddings: nearest tokens and a 2-D projection."""
+    """Inspect the embeddings: nearest tokens, a 2-D projection, analogies, sentence vectors and a probe, the
+    Embedding Projector export and the high-dimension argument (components/evaluate/embeddings.py)."""
 
     words: list[str] = []
     """Words whose nearest tokens (cosine similarity) to list."""
     k: int = Field(5, ge=1, le=100)
-    """Neighbours per word."""
+    """Neighbours per word, and answers listed per analogy."""
     plot_tokens: int = Field(300, ge=2)
     """Tokens drawn in the 2-D PCA projection (the first ids after the specials)."""
+    analogies: list[str] = []
+    """Word analogies 'a - b + c = d' over the input embeddings (3CosAdd on unit vectors, Mikolov et al. 2013;
+    a, b and c are not answers): each row lists the top-k answers and the rank of d, solved or not."""
+    sentences: SentencesSpec | None = None
+    """Mean-pooled sentence embeddings, a linear probe on them and nearest texts (null: none)."""
+    projector: ProjectorSpec | None = None
+    """Write the token (and sentence) vectors for the TensorBoard Embedding Projector (null: none)."""
+    dimensions: DimensionsSpec | None = None
+    """Plot random vectors' |cos| and sums against dimension, and the hypercube's corners (null: none)."""
+
+    @field_validator("analogies")
+    @classmethod
+    def _analogies(cls, items: list[str]) -> list[str]:
+        for item in items:
+            parse_analogy(item)
+        return items
 
 
 class ReferenceExample(Section):
@@ -257,6 +275,8 @@ class EvaluateSpec(StepSpec):
     """Decoding samples (null: none; causal models only)."""
     embeddings: EmbeddingsSpec | None = None
     """Embedding inspection (null: none)."""
+    attention: AttentionSpec | None = None
+    """Attention maps and previous-token scores, trained vs freshly initialised (null: none; transformers only)."""
     references: ReferencesSpec | None = None
     """Generated replies scored against references: ROUGE, BLEU, chrF, exact match (null: none)."""
     lm_eval: LmEvalSpec | None = None

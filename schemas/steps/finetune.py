@@ -6,8 +6,8 @@ from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from ..base import CausalModelRef, Ref, Section, TrainingStepSpec
-from ..data import SftDataSpec
+from ..base import GenerativeModelRef, Ref, Section, TrainingStepSpec
+from ..data import PackedBatches, PackingSpec, SftDataSpec
 from ..peft import QuantizedBasePeftSpec, WritesTunedModel
 
 TokensRef = Annotated[str, Ref("tokens", heldout=True)]
@@ -26,14 +26,15 @@ class TaskEvalSpec(Section):
     """Batches of pretraining validation tokens for the forgetting perplexity."""
 
 
-class FinetuneSpec(WritesTunedModel, TrainingStepSpec):
-    """Fine-tune a causal LM on prompt/completion data (loss on the completion only), fully or with peft."""
+class FinetuneSpec(WritesTunedModel, PackedBatches, TrainingStepSpec):
+    """Fine-tune a causal LM on prompt/completion data (loss on the completion only), fully or with peft; an
+    encoder-decoder (t5) reads the prompt in its encoder and writes the completion with its decoder."""
 
     produces: ClassVar[frozenset[str]] = frozenset({"model", "adapter", "tokenizer", "metrics"})
 
     kind: Literal["finetune"]
-    model: CausalModelRef
-    """The model to fine-tune."""
+    model: GenerativeModelRef
+    """The model to fine-tune: a causal LM or an encoder-decoder."""
     data: SftDataSpec
     """Training (and held-out) instruction data."""
     peft: QuantizedBasePeftSpec = QuantizedBasePeftSpec()
@@ -46,13 +47,22 @@ class FinetuneSpec(WritesTunedModel, TrainingStepSpec):
     """Also write a merged standalone model (default: yes, except prompt_tuning, which has no weight form)."""
     evaluation: TaskEvalSpec | None = TaskEvalSpec()
     """After training, score base and tuned model on the held-out rows (null: skip)."""
+    packing: bool | PackingSpec = False
+    """Pack several examples into each row so no compute goes to padding (true: `padding_free`, the same
+    examples and loss per step), or a `{strategy, length}` section."""
 
     @model_validator(mode="after")
     def _consistent(self) -> "FinetuneSpec":
         if self.replay > 0 and self.tokens is None:
             raise ValueError("replay needs tokens: the tokenize step whose pretraining data to mix in")
-        if problem := self.merge_problem():
+        if problem := self.merge_problem() or self.packing_problem(kinds_with_bfd=True):
             raise ValueError(problem)
+        if self.data.stream is True and self.replay > 0:
+            raise ValueError("replay adds pretraining blocks to the loaded training rows, and data.stream: true "
+                             "loads none: set data.stream to false (or auto), or replay to 0")
+        if self.data.stream is True and (p := self.packing_spec()) is not None and p.strategy == "bfd":
+            raise ValueError("packing.strategy bfd packs the whole training set once, and data.stream: true draws "
+                             "rows as it trains: use padding_free")
         return self
 
     def trainer_problems(self, trainer) -> list[tuple[tuple, str]]:
@@ -79,6 +89,7 @@ class FinetuneSpec(WritesTunedModel, TrainingStepSpec):
                 + (" dora" if p.use_dora else "") + (f" on a {p.quantize_base} base" if p.quantize_base else ""),
                 "prompt_tuning": f"prompt_tuning {p.num_virtual_tokens} tokens",
                 "prune": f"prune to {p.sparsity:.0%} sparsity"}.get(p.method, p.method)
-        data = f"builtin tasks x{self.data.n_per_task}" if self.data.builtin else \
+        data = self.data.mixture_summary() if self.data.mixture else \
+            f"builtin tasks x{self.data.n_per_task}" if self.data.builtin else \
             (f"data from step {self.data.step}" if self.data.step else f"{len(self.data.files)} file glob(s)")
         return {"peft": what, "data": data + (f", replay {self.replay:.0%}" if self.replay else "")}

@@ -1,18 +1,22 @@
-"""`pretrain`: train a causal or masked LM from scratch (or continue one) on a tokenize step's tokens: a transformer,
-or a sequence model from before them (mlp, rnn, lstm)."""
+"""`pretrain`: train a causal or masked LM or an encoder-decoder from scratch (or continue one) on a tokenize step's
+tokens: a transformer, or a sequence model from before them (mlp, rnn, lstm)."""
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from ..base import ModelRef, Section, TokenizerRef, TrainingStepSpec
-from ..sizing import size_model
+from ..base import ModelRef, Ref, Section, TokenizerRef, TrainingStepSpec
+from ..sizing import CHINCHILLA, Law, size_model
 
 SHAPE_FIELDS = ("layers", "hidden", "heads", "intermediate")
 SEQUENCE_FAMILIES = ("mlp", "rnn", "lstm")  # before transformers: no attention, causal only
 CAUSAL_FAMILIES = ("llama", "gpt2", *SEQUENCE_FAMILIES)
+MASKED_FAMILIES = ("bert", "roberta")
+SEQ2SEQ_FAMILIES = ("t5",)
+OBJECTIVE_FAMILIES = {"causal": CAUSAL_FAMILIES, "masked": MASKED_FAMILIES, "span_corruption": SEQ2SEQ_FAMILIES}
+SPAN_ONLY = ("noise_density", "mean_noise_span_length")
 TRANSFORMER_ONLY = ("heads", "kv_heads", "intermediate")
 MLP_ONLY = ("window", "direct_connections")
 
@@ -20,12 +24,13 @@ MLP_ONLY = ("window", "direct_connections")
 class ModelSpec(Section):
     """Architecture of a model built from a transformers config (mlp, rnn, lstm: llmcycle's own config classes)."""
 
-    family: Literal["llama", "gpt2", "bert", "roberta", "mlp", "rnn", "lstm"] = "llama"
-    """Architecture: `llama`, `gpt2` (causal transformers), `bert`, `roberta` (masked transformers), or a causal
-    model from before transformers: `mlp` (fixed-window neural LM, Bengio et al. 2003), `rnn` (Elman 1990),
-    `lstm` (Hochreiter & Schmidhuber 1997)."""
+    family: Literal["llama", "gpt2", "bert", "roberta", "t5", "mlp", "rnn", "lstm"] = "llama"
+    """Architecture: `llama`, `gpt2` (causal transformers: decoder-only), `bert`, `roberta` (masked transformers:
+    encoder-only), `t5` (encoder-decoder, Raffel et al. 2020), or a causal model from before transformers: `mlp`
+    (fixed-window neural LM, Bengio et al. 2003), `rnn` (Elman 1990), `lstm` (Hochreiter & Schmidhuber 1997)."""
     layers: int = Field(2, ge=1, le=256)
-    """Transformer blocks; mlp: tanh hidden layers; rnn, lstm: stacked recurrent layers."""
+    """Transformer blocks (t5: in the encoder, and as many in the decoder); mlp: tanh hidden layers; rnn, lstm:
+    stacked recurrent layers."""
     hidden: int = Field(64, ge=8)
     """Width of the residual stream (embedding size); mlp, rnn, lstm: the embedding size and the width of every
     hidden layer or recurrent state."""
@@ -37,7 +42,7 @@ class ModelSpec(Section):
     """MLP width (null: 4 x hidden; transformers only)."""
     context: int = Field(128, ge=8)
     """Sequence length of the training blocks and the model's maximum positions (mlp, rnn, lstm have no position
-    limit: it is their training and scoring length)."""
+    limit: it is their training and scoring length; t5: the length of the corrupted encoder input)."""
     dropout: float = Field(0.0, ge=0, lt=1)
     """Dropout on attention and residual streams; mlp, rnn, lstm: on the embeddings, between layers and before
     the output."""
@@ -84,16 +89,23 @@ class SizingSpec(Section):
     """Tokens per parameter for the `tokens_per_param` rule."""
     aspect: int = Field(32, ge=4, le=512)
     """Target hidden/layers ratio when rounding N to a shape."""
+    constants: Annotated[str, Ref("constants")] | None = None
+    """closed_form: a `scaling` step whose fitted E, A, B, alpha, beta to minimise (this step then runs after it;
+    `llmcycle plan` shows the published constants' choice until the fit exists). Null: Hoffmann et al.'s published
+    constants."""
 
     @model_validator(mode="after")
     def _one_budget(self) -> "SizingSpec":
         if (self.flops is None) == (self.tokens is None):
             raise ValueError("give exactly one of flops or tokens")
+        if self.constants is not None and self.rule != "closed_form":
+            raise ValueError(f"sizing.constants ('{self.constants}') gives the closed form's constants; it needs "
+                             f"rule: closed_form, got rule: {self.rule}")
         return self
 
 
 class PretrainSpec(TrainingStepSpec):
-    """Pretrain a language model with a causal (next-token) or masked (BERT) objective."""
+    """Pretrain a language model with a causal (next-token), masked (BERT) or span-corruption (T5) objective."""
 
     produces: ClassVar[frozenset[str]] = frozenset({"model", "tokenizer"})
 
@@ -104,10 +116,15 @@ class PretrainSpec(TrainingStepSpec):
     """Architecture of a new model (give this or init_from)."""
     init_from: ModelRef | None = None
     """Continue pretraining this model: a step, `./path`, `/path`, `hf:ID` or `models:/name@alias`."""
-    objective: Literal["causal", "masked"] = "causal"
-    """`causal`: predict the next token; `masked`: 15% of non-special tokens, 80% mask / 10% random / 10% kept."""
+    objective: Literal["causal", "masked", "span_corruption"] = "causal"
+    """`causal`: predict the next token; `masked`: 15% of non-special tokens, 80% mask / 10% random / 10% kept;
+    `span_corruption` (t5): random spans dropped, one sentinel in place of each, the decoder writes the spans."""
     mlm_probability: float = Field(0.15, gt=0, lt=1)
     """Fraction of non-special tokens selected for the masked objective."""
+    noise_density: float = Field(0.15, gt=0, le=0.5)
+    """span_corruption: fraction of each block's tokens dropped (T5's 0.15)."""
+    mean_noise_span_length: float = Field(3.0, ge=1)
+    """span_corruption: mean length of a dropped span (T5's 3); spans = round(dropped tokens / this)."""
     sizing: SizingSpec | None = None
     """Choose layers, hidden, heads and the token budget compute-optimally (null: use model and max_steps)."""
     log_model: bool = True
@@ -117,11 +134,14 @@ class PretrainSpec(TrainingStepSpec):
     def _model_source(self) -> "PretrainSpec":
         if (self.model is None) == (self.init_from is None):
             raise ValueError("give exactly one of model (a new architecture) or init_from (an existing model)")
-        if self.model is not None:
-            causal = self.model.family in CAUSAL_FAMILIES
-            if causal != (self.objective == "causal"):
-                raise ValueError(f"model.family '{self.model.family}' does not fit objective '{self.objective}'; "
-                                 "causal takes llama, gpt2, mlp, rnn or lstm, masked takes bert or roberta")
+        if self.model is not None and self.model.family not in OBJECTIVE_FAMILIES[self.objective]:
+            raise ValueError(f"model.family '{self.model.family}' does not fit objective '{self.objective}'; "
+                             "causal takes llama, gpt2, mlp, rnn or lstm, masked takes bert or roberta, "
+                             "span_corruption takes t5")
+        given = [f for f in SPAN_ONLY if f in self.model_fields_set]
+        if given and self.objective != "span_corruption":
+            raise ValueError(f"{', '.join(given)}: objective span_corruption only, not '{self.objective}'; remove "
+                             f"{'it' if len(given) == 1 else 'them'}")
         if self.sizing is not None:
             if self.model is None:
                 raise ValueError("sizing chooses a new model's shape; it needs model (with its family), not init_from")
@@ -129,6 +149,10 @@ class PretrainSpec(TrainingStepSpec):
                 raise ValueError(f"sizing shapes transformers (layers, hidden, heads); model.family "
                                  f"'{self.model.family}' is not one: give model.layers and model.hidden, or remove "
                                  "sizing")
+            if self.model.family in SEQ2SEQ_FAMILIES:
+                raise ValueError(f"sizing counts the parameters of one stack of blocks, and model.family "
+                                 f"'{self.model.family}' has an encoder and a decoder (with cross-attention): give "
+                                 "model.layers and model.hidden, or remove sizing")
             given = [f for f in SHAPE_FIELDS if f in self.model.model_fields_set]
             if given:
                 raise ValueError(f"sizing chooses model.{', model.'.join(given)}; remove them or remove sizing")
@@ -136,19 +160,24 @@ class PretrainSpec(TrainingStepSpec):
                 raise ValueError("sizing chooses the token budget; remove max_steps/max_tokens or remove sizing")
         return self
 
-    def sized(self):
-        """The sizing result (schemas.sizing.Shape), or None without `sizing:`."""
+    def sized(self, law: Law = CHINCHILLA):
+        """The sizing result (schemas.sizing.Shape), or None without `sizing:`; `law`: the closed form's constants
+        (the fitted ones of `sizing.constants` once that step has run)."""
         if self.sizing is None:
             return None
         s = self.sizing
         return size_model(self.model.family, flops=s.flops, tokens=s.tokens, rule=s.rule,
-                          tokens_per_param=s.tokens_per_param, aspect=s.aspect)
+                          tokens_per_param=s.tokens_per_param, aspect=s.aspect, law=law)
 
     def plan_details(self) -> dict:
         shape = self.sized()
         if shape is None:
             return {}
-        return {"sizing": f"{shape.rule}: N={shape.params:,} non-embedding params (target {shape.target_params:,.0f}), "
-                          f"D={shape.tokens:,} tokens, C=6ND={shape.flops:.3g} FLOPs",
-                "shape": f"layers={shape.layers} hidden={shape.hidden} heads={shape.heads} "
-                         f"intermediate={shape.intermediate}"}
+        details = {"sizing": f"{shape.rule}: N={shape.params:,} non-embedding params (target "
+                             f"{shape.target_params:,.0f}), D={shape.tokens:,} tokens, C=6ND={shape.flops:.3g} FLOPs",
+                   "shape": f"layers={shape.layers} hidden={shape.hidden} heads={shape.heads} "
+                            f"intermediate={shape.intermediate}"}
+        if self.sizing.constants:  # plan reads no run outputs: the fitted constants exist only once the step ran
+            details["constants"] = (f"fitted by step '{self.sizing.constants}' when this step runs; shown above with "
+                                    "the published ones (Hoffmann et al. 2022)")
+        return details

@@ -8,7 +8,7 @@ from typing import Annotated, ClassVar, Iterator, Literal
 
 from pydantic import AfterValidator, Field
 
-from ..base import CausalModelRef, Ref, Section, StepName, StepSpec
+from ..base import GenerativeModelRef, Ref, Section, StepName, StepSpec
 
 OPERATORS = ("<=", ">=", "==", "!=", "<", ">")
 _METRIC = r"[A-Za-z_][A-Za-z0-9_-]*\.[A-Za-z0-9_./@:-]+"
@@ -103,8 +103,9 @@ class RegisterSpec(StepSpec):
     produces: ClassVar[frozenset[str]] = frozenset()
 
     kind: Literal["register"]
-    model: CausalModelRef
-    """The model to register; a peft adapter folder is merged into its base first."""
+    model: GenerativeModelRef
+    """The model to register (a causal LM or an encoder-decoder); a peft adapter folder is merged into its base
+    first."""
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     """Registered model name in the MLflow Model Registry."""
     alias: StepName = "champion"

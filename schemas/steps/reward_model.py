@@ -8,10 +8,10 @@ from pydantic import Field, model_validator
 
 from ..base import CausalModelRef, OptimizerSpec, TrainingStepSpec
 from ..peft import PeftSpec
-from ..data import RewardDataSpec
+from ..data import PackedBatches, PackingSpec, RewardDataSpec
 
 
-class RewardModelSpec(TrainingStepSpec):
+class RewardModelSpec(PackedBatches, TrainingStepSpec):
     """A sequence-classification head with one output, trained so that r(chosen) > r(rejected)."""
 
     produces: ClassVar[frozenset[str]] = frozenset({"reward_model", "tokenizer"})
@@ -33,11 +33,19 @@ class RewardModelSpec(TrainingStepSpec):
     """Weight of the mean((r_c + r_r)²) term that keeps rewards centred (0.01 in TRL's docs)."""
     soft_labels: bool = True
     """Use each row's `score` p as a soft label: −[p·log σ(Δ) + (1−p)·log σ(−Δ)]."""
+    packing: bool | PackingSpec = False
+    """Pack the chosen and rejected replies of each batch into as few rows as fit, so no compute goes to padding
+    (true: `padding_free`; the same pairs and loss per step), or a `{strategy, length}` section."""
 
     @model_validator(mode="after")
     def _one_length(self) -> "RewardModelSpec":
+        if problem := self.packing_problem():
+            raise ValueError(problem)
         if self.epochs is not None and (self.max_steps is not None or self.max_tokens is not None):
             raise ValueError("give epochs or max_steps/max_tokens, not both")
+        if self.data.stream is True and self.max_steps is None and self.max_tokens is None:
+            raise ValueError("data.stream: true draws pairs as it trains and never counts them, so epochs cannot "
+                             "be counted: give max_steps or max_tokens")
         if self.peft.method not in ("full", "lora", "bitfit"):
             raise ValueError(f"peft.method: reward models support full, lora or bitfit, got {self.peft.method!r}")
         sheet = self.data.sheet

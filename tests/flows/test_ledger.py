@@ -115,3 +115,106 @@ def test_counts(n, shown):
                                       (2.5e21, "2.5 ZFLOP")])
 def test_flops_units(n, shown):
     assert ledger.flop(n) == shown
+
+
+# -- where the time goes: start-up, data, compute, logging (components/lib/phases.py) -------------------------------
+
+
+def test_a_block_inside_another_is_charged_once_to_the_inner_phase_and_the_rest_is_compute():
+    import threading
+    import time
+
+    from components.lib import phases
+
+    phases.reset()
+    started = time.perf_counter()
+    with phases.charge("logging"):
+        time.sleep(0.05)
+        with phases.charge("startup"):  # a model loaded to log it: start-up, and not logging as well
+            time.sleep(0.1)
+    worker = threading.Thread(target=lambda: phases.charged("data")(time.sleep)(0.2))
+    worker.start(), worker.join()  # a helper thread's time overlaps this one's: not charged
+    time.sleep(0.05)
+    split = phases.spent(time.perf_counter() - started, launch=0.5)
+    assert list(split) == [*ledger.PHASES, "launch"] and split["launch"] == 0.5
+    assert split["startup"] == pytest.approx(0.5 + 0.1, abs=0.03)  # the engine's launch of the step is start-up
+    assert split["logging"] == pytest.approx(0.05, abs=0.03) and split["data"] == 0
+    assert sum(split[p] for p in ledger.PHASES) == pytest.approx(time.perf_counter() - started + 0.5, abs=0.01)
+    with pytest.raises(ValueError, match="phase 'compute': expected one of startup, data, logging"):
+        phases.begin("compute")
+
+
+def test_the_ledger_shows_each_steps_split_and_its_share_of_the_wall_time():
+    split = {"startup": 3.0, "data": 1.0, "compute": 14.0, "logging": 2.0}
+    spent = ledger.build([Entry("lm", "pretrain", "ran", {"time/seconds": 20.0}, {"phases": split}),
+                          Entry("ev", "evaluate", "ran", {"time/seconds": 4.5},  # launched 0.5 s after its task began
+                                {"phases": {"startup": 1.0, "data": 0.0, "compute": 4.0, "logging": 0.0,
+                                            "launch": 0.5}}),
+                          Entry("old", "evaluate", "cached", {"time/seconds": 9.0}, {"phases": split})])
+    row = spent["rows"][0]
+    assert [row[f"{p}_seconds"] for p in ledger.PHASES] == [3.0, 1.0, 14.0, 2.0] and row["launch_seconds"] == 0
+    assert spent["rows"][2]["compute_seconds"] is None  # a cached step spent nothing in this run
+    assert spent["total"]["startup_seconds"] == 4.0 and spent["total"]["compute_seconds"] == 18.0
+    text = ledger.text(spent).splitlines()
+    start = text.index(next(line for line in text if line.startswith("where the time goes")))
+    assert text[start + 1].split() == list(ledger.PHASE_HEADERS)
+    assert text[start + 2].split() == ["lm", "20.0", "s", "3.0", "s", "15%", "1.0", "s", "5%", "14.0", "s", "70%",
+                                       "2.0", "s", "10%"]
+    assert text[start + 3].split()[:5] == ["ev", "5.0", "s", "1.0", "s"]  # the task: launch + wall time
+    assert text[start + 5].split()[:5] == ["total", "25.0", "s", "4.0", "s"] and "16%" in text[start + 5]
+    assert "| lm | 20.0 s | 3.0 s 15% | 1.0 s 5% | 14.0 s 70% | 2.0 s 10% |" in ledger.markdown(spent)
+    # a run whose steps did not report their split (outputs made before it existed) shows no such table
+    assert "where the time goes" not in ledger.text(ledger.build([trained()]))
+
+
+PHASED_SPEC = """\
+name: phased
+workdir: work
+trainer: {accelerator: cpu, precision: 32-true}
+steps:
+  tok: {kind: tokenize, corpus: {builtin: pydoc}, vocab_size: 300}
+  lm:
+    kind: pretrain
+    tokenizer: tok
+    model: {family: llama, layers: 1, hidden: 32, heads: 2, context: 32}
+    max_steps: 6
+    val_every: 3
+    batch_size: 4
+    log_model: false
+  ev: {kind: evaluate, model: lm, tokens: tok}
+"""
+
+
+def test_each_steps_phases_add_up_to_its_wall_time_and_loading_a_model_is_startup(tmp_path):
+    """The engine's own entry point (flows/step.py), in this process, on three real steps."""
+    import json
+    import time
+
+    from flows.step import execute, StepRequest
+
+    (tmp_path / "spec.yaml").write_text(PHASED_SPEC)
+    upstream, results = {}, {}
+    for i, (name, kind) in enumerate((("tok", "tokenize"), ("lm", "pretrain"), ("ev", "evaluate"))):
+        out = tmp_path / "work" / name / "out"
+        request = StepRequest(spec_path=str(tmp_path / "spec.yaml"), overrides=[], name=name, kind=kind,
+                              fingerprint=f"{i}" * 64, output_dir=str(out), workdir=str(tmp_path / "work"),
+                              resources={"accelerator": "cpu", "precision": "32-true"}, tracking_uri="",
+                              upstream=dict(upstream))
+        request.run_dir.mkdir(parents=True, exist_ok=True)
+        request.launched_at = time.time() - 2.0  # as if its task had begun 2 s ago
+        assert execute(request, own_process=False) == 0, (request.error_path.read_text()
+                                                          if request.error_path.exists() else "")
+        results[name] = json.loads((out / "result.json").read_text())
+        upstream[name] = {**results[name], "dir": str(out)}
+    for name, result in results.items():
+        split, wall = result["info"]["phases"], result["metrics"]["time/seconds"]
+        assert set(split) == {*ledger.PHASES, "launch"} and all(v >= 0 for v in split.values()), split
+        assert 2.0 <= split["launch"] < 2.5 and split["startup"] > split["launch"]
+        assert sum(split[p] for p in ledger.PHASES) == pytest.approx(split["launch"] + wall, abs=0.01), (name, split)
+    assert results["lm"]["info"]["phases"]["startup"] > 0  # built its model (and imported, read the spec)
+    assert results["lm"]["info"]["phases"]["data"] > 0  # Lightning fetched its batches
+    assert results["lm"]["info"]["phases"]["logging"] > 0  # wrote its model folder and a checkpoint
+    assert results["ev"]["info"]["phases"]["startup"] > results["ev"]["info"]["phases"]["launch"] + 0.01  # a load
+    row = ledger.row(Entry("ev", "evaluate", "ran", results["ev"]["metrics"], results["ev"]["info"]))
+    assert sum(row[f"{p}_seconds"] for p in ledger.PHASES) == pytest.approx(row["seconds"] + row["launch_seconds"],
+                                                                            abs=0.01)

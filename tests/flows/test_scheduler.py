@@ -13,7 +13,7 @@ from flows.scheduler import Scheduler
 
 def step(name: str, deps: tuple[str, ...] = (), **trainer) -> PlannedStep:
     resources = {"accelerator": "cpu", "devices": 1, "strategy": "auto", "num_nodes": 1, "precision": "auto",
-                 "compile": False, "launcher": None, "share_devices": False, **trainer}
+                 "compile": "auto", "launcher": None, "share_devices": False, **trainer}
     return PlannedStep(name=name, kind="pretrain", deps=list(deps), fingerprint=name * 8, output_dir=Path(name),
                        cached=False, resources=resources)
 

@@ -65,7 +65,7 @@ def test_set_errors_are_named_like_the_yaml_and_reported_together(write_spec, mo
         "--set[1]:1:22: steps.tok.vocab_size: Input should be a valid integer, unable to parse string as an "
         'integer, got "abc"',
         "--set[2]:1:1: steps.tok.vocab_sise: unknown key 'vocab_sise' (did you mean 'vocab_size'?); expected "
-        "one of: kind, corpus, algorithm, vocab_size, min_frequency, val_fraction, lowercase, trainer, run_on",
+        "one of: kind, corpus, algorithm, vocab_size, min_frequency, val_fraction, lowercase, trainer, run_on, sweep",
         "--set[3]:1:1: expected KEY=VALUE, got 'no_equals_sign'",
         "--set[4]:1:1: steps.tok.kind.x: cannot set a field inside a value",
         "--set[5]:1:6: seed: Input should be greater than or equal to 0, got -2",
