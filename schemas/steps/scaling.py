@@ -9,7 +9,7 @@ from pydantic import Field, model_validator
 from ..base import Ref, Section, StepSpec
 
 FITTED = ("E", "A", "B", "alpha", "beta")  # the constants of approach 3, one run at least per constant
-RunRef = Annotated[str, Ref("model", kinds=("pretrain",))]
+RunRef = Annotated[str, Ref("model", kinds=("pretrain",), all_variants=True)]
 
 
 class FitSpec(Section):
