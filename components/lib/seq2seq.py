@@ -16,14 +16,12 @@ components/lib/generation.py keeps the whole decoder output (it holds no prompt)
 
 from __future__ import annotations
 
-import lightning as L
 import torch
-from torch.utils.data import DataLoader
 
 from components.lib import span_corruption
+from components.lib.sft import SftDataModule, SftModule, SftResult
 from components.lib.text import encode, encode_completion, prompt_completion
-from components.lib.training import (configure_optimizer, count_parameters, fit, make_trainer, perf_metrics,
-                                     sum_over_ranks, total_steps)
+from components.lib.training import count_parameters, fit, make_trainer, perf_metrics, total_steps
 
 IGNORE = -100
 
@@ -60,62 +58,30 @@ def padding_share(pairs: list[tuple[list[int], list[int]]], batch_size: int) -> 
     return 1 - real / max(padded, 1)
 
 
-class Seq2SeqDataModule(L.LightningDataModule):
-    """Shuffled (seeded) training pairs and held-out pairs in order, right-padded on both sides."""
+class Seq2SeqDataModule(SftDataModule):
+    """`SftDataModule` for (encoder ids, decoder labels) pairs, right-padded on both sides (never packed)."""
 
     def __init__(self, train: list, val: list, pad_id: int, batch_size: int = 16, seed: int = 0):
-        super().__init__()
-        self.save_hyperparameters(ignore=["train", "val"])
-        if not train:
-            raise ValueError("fine-tuning data has no training rows")
-        self.train, self.val = train, val
+        super().__init__(train, val, pad_id, batch_size, seed)
 
-    def _loader(self, data: list, shuffle: bool) -> DataLoader:
-        gen = torch.Generator().manual_seed(self.hparams.seed)
-        return DataLoader(data, batch_size=self.hparams.batch_size, shuffle=shuffle, generator=gen,
-                          drop_last=shuffle and len(data) >= self.hparams.batch_size,
-                          collate_fn=lambda b: span_corruption.collate_pairs(b, self.hparams.pad_id))
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train, True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val, False)
+    def _collate(self, train: bool):
+        return lambda b: span_corruption.collate_pairs(b, self.hparams.pad_id)
 
 
-class Seq2SeqModule(L.LightningModule):
-    """Cross-entropy of the decoder on the completion tokens of an encoder-decoder (transformers or peft)."""
+class Seq2SeqModule(SftModule):
+    """`SftModule` for an encoder-decoder: the decoder's cross-entropy on the completion tokens."""
 
-    def __init__(self, model: torch.nn.Module, optimizer: dict | None = None, schedule: dict | None = None,
-                 total_steps: int = 100):
-        super().__init__()
-        self.save_hyperparameters(ignore=["model"])
-        self.model = model
-        self.tokens_in_batch = 0
-        self._val_sum, self._val_count = 0.0, 0
+    @staticmethod
+    def inputs(batch: dict) -> dict:
+        return batch
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        self.tokens_in_batch = int(batch["attention_mask"].sum() + (batch["labels"] != IGNORE).sum())
-        loss = self.model(**batch).loss
-        self.log("train/loss", loss, prog_bar=True)
-        return loss
+    @staticmethod
+    def real_tokens(batch: dict) -> int:
+        return int(batch["attention_mask"].sum() + (batch["labels"] != IGNORE).sum())
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        loss = self.model(**batch).loss
-        targets = int((batch["labels"] != IGNORE).sum())  # every label is predicted: no shift, unlike a causal LM
-        self._val_sum, self._val_count = self._val_sum + float(loss) * targets, self._val_count + targets
-
-    def on_validation_epoch_end(self) -> None:
-        from components.lib.scoring import perplexity
-
-        total, count = sum_over_ranks(self, self._val_sum, self._val_count)  # each rank scored its share
-        if count:
-            self.log_dict({"val/loss": total / count, "val/perplexity": perplexity(total, count)}, prog_bar=True)
-        self._val_sum, self._val_count = 0.0, 0
-
-    def configure_optimizers(self) -> dict:
-        return configure_optimizer(self.model.named_parameters(), self.hparams.optimizer or {},
-                                   self.hparams.schedule or {}, self.hparams.total_steps)
+    @staticmethod
+    def targets(batch: dict) -> int:
+        return int((batch["labels"] != IGNORE).sum())  # every label is predicted: no shift, unlike a causal LM
 
 
 def train_sft(ctx, model, tokenizer, train_rows: list[dict], eval_rows: list[dict], peft, loop, max_length: int,
@@ -123,7 +89,6 @@ def train_sft(ctx, model, tokenizer, train_rows: list[dict], eval_rows: list[dic
     """`sft.train_sft` for an encoder-decoder: the same arguments, metrics and result."""
     from components.lib.datasources import Draws
     from components.lib.peft import apply_peft
-    from components.lib.sft import SftResult
 
     if packing is not None:
         raise ValueError("packing concatenates examples into one decoder-only sequence, and this model is an "

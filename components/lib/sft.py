@@ -153,15 +153,30 @@ class SftModule(L.LightningModule):
         self.tokens_in_batch = 0
         self._val_sum, self._val_count = 0.0, 0
 
+    @staticmethod
+    def inputs(batch: dict) -> dict:
+        """What the model takes from a batch (padded or packed)."""
+        return packing_lib.model_inputs(batch)
+
+    @staticmethod
+    def real_tokens(batch: dict) -> int:
+        """The batch's non-padding tokens (for tokens/s)."""
+        return packing_lib.real_tokens(batch)
+
+    @staticmethod
+    def targets(batch: dict) -> int:
+        """Label tokens the loss averages over: a causal LM shifts them, so the first is never predicted."""
+        return int((batch["labels"][:, 1:] != IGNORE).sum())
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        self.tokens_in_batch = packing_lib.real_tokens(batch)
-        loss = self.model(**packing_lib.model_inputs(batch)).loss
+        self.tokens_in_batch = self.real_tokens(batch)
+        loss = self.model(**self.inputs(batch)).loss
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        loss = self.model(**packing_lib.model_inputs(batch)).loss
-        targets = int((batch["labels"][:, 1:] != IGNORE).sum())
+        loss = self.model(**self.inputs(batch)).loss
+        targets = self.targets(batch)
         self._val_sum, self._val_count = self._val_sum + float(loss) * targets, self._val_count + targets
 
     def on_validation_epoch_end(self) -> None:
