@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -129,18 +127,14 @@ def main() -> None:
         print("RESULT " + json.dumps(one(args.one, layers, hidden, steps, batch)))
         return
     sys.path.insert(0, str(REPO / "benchmarks"))
-    from record import Results
+    from benchmarks.record import Results, child_result
 
     record = Results(__file__, "quick" if args.quick else "")
     print(f"Llama {layers}x{hidden}, batch {batch}, {steps} steps per side")
     print(f"{'kind':<13} {'eager s/step':>12} {'compiled':>9} {'speed':>6} {'compile s':>9} {'break-even':>11}")
     for kind in args.kinds.split(","):
         cmd = [sys.executable, __file__, "--one", kind] + (["--quick"] if args.quick else [])
-        out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-        line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
-        if line is None:
-            sys.exit(f"{kind} failed:\n{out.stderr[-3000:]}")
-        r = json.loads(line[7:])
+        r = child_result(cmd, kind)
         even = f"{r['break_even_steps']:.0f} steps" if r["break_even_steps"] else "never"
         print(f"{kind:<13} {r['eager_s']:>12.3f} {r['compiled_s']:>9.3f} {r['eager_s'] / r['compiled_s']:>5.2f}x "
               f"{r['compile_s']:>9.1f} {even:>11}")

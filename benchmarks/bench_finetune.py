@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -21,7 +19,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from benchmarks.record import Results  # noqa: E402
+from benchmarks.record import Results, child_result  # noqa: E402
 
 
 def build_base(folder: Path, layers: int, hidden: int) -> None:
@@ -148,11 +146,7 @@ def main() -> None:
     for name in ("ours-full", "ours-lora", "trl-lora"):
         cmd = [sys.executable, __file__, "--one", name, "--folder", str(folder), "--steps", str(steps),
                "--batch", str(args.batch), "--rows", str(args.rows)]
-        out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-        line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
-        if line is None:
-            sys.exit(f"{name} failed:\n{out.stderr[-3000:]}")
-        results[name] = json.loads(line[7:])
+        results[name] = child_result(cmd, name)
     print(f"\nLlama {layers}x{hidden}, {steps} steps of {args.batch} task rows (same data and LoRA r=16 on q,k,v,o)")
     print(f"{'run':<10} {'tokens/s':>10} {'seconds':>8} {'peak MB':>8}")
     for name, r in results.items():

@@ -19,9 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import random
-import subprocess
 import sys
 import tempfile
 import time
@@ -162,7 +160,7 @@ def one(args) -> None:
 
 def main() -> None:
     from bench_finetune import build_base
-    from record import Results
+    from benchmarks.record import Results, child_result
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="2 layers, 128 wide, 20 steps")
@@ -184,11 +182,7 @@ def main() -> None:
         for name in ("padded", "padding_free", "bfd", "trl-bfd"):
             cmd = [sys.executable, __file__, "--one", name, "--data", data_name, "--folder", str(folder),
                    "--steps", str(steps), "--rows", str(args.rows)]
-            out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-            line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
-            if line is None:
-                sys.exit(f"{data_name} {name} failed:\n{out.stderr[-3000:]}")
-            results[name] = json.loads(line[7:])
+            results[name] = child_result(cmd, f"{data_name} {name}")
         base, trl = results["padded"], results["trl-bfd"]
         print(f"\n{data_name}: Llama {layers}x{hidden}, LoRA r=16, {steps * BATCH} training examples each; "
               f"unpacked batches of {BATCH} are {base['padding_share']:.0%} padding")

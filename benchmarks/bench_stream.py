@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from benchmarks.record import Results  # noqa: E402
+from benchmarks.record import Results, child_result  # noqa: E402
 
 
 def write_file(path: Path, megabytes: int) -> int:
@@ -78,11 +76,7 @@ def one(args: argparse.Namespace) -> None:
 
 def run_one(path: Path, base: Path, stream: str, steps: int) -> dict:
     cmd = [sys.executable, __file__, "--one", str(path), "--base", str(base), "--stream", stream, "--steps", str(steps)]
-    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-    line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
-    if line is None:
-        sys.exit(f"{path.name} failed:\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}")
-    return json.loads(line[7:])
+    return child_result(cmd, path.name)
 
 
 def main() -> None:

@@ -120,6 +120,16 @@ class Results:
         return self.path
 
 
+def child_result(cmd: list[str], what: str) -> dict:
+    """Run one configuration of a benchmark in its own process (so its memory and start-up are its own) and
+    return the JSON it printed on its `RESULT ` line; exit naming `what` and the child's output when it failed."""
+    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    if line is None:
+        sys.exit(f"{what} failed:\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}")
+    return json.loads(line[len("RESULT "):])
+
+
 def read(where: Path | None = None) -> list[dict]:
     """Every row of every results file in `where` (default: folder()), file by file in name order."""
     rows = []
