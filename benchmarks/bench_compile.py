@@ -135,7 +135,8 @@ def main() -> None:
     for kind in args.kinds.split(","):
         cmd = [sys.executable, __file__, "--one", kind] + (["--quick"] if args.quick else [])
         r = child_result(cmd, kind)
-        even = f"{r['break_even_steps']:.0f} steps" if r["break_even_steps"] else "never"
+        even = "nothing compiled" if r["compile_s"] < 1 else \
+            f"{r['break_even_steps']:.0f} steps" if r["break_even_steps"] else "never"
         print(f"{kind:<13} {r['eager_s']:>12.3f} {r['compiled_s']:>9.3f} {r['eager_s'] / r['compiled_s']:>5.2f}x "
               f"{r['compile_s']:>9.1f} {even:>11}")
         record.add(f"{kind} training step, torch.compile vs eager", 1 / r["compiled_s"], "steps/s", "eager",

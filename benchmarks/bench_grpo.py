@@ -10,6 +10,12 @@ epochs 1, minibatches 1), loss `dapo`, beta 0, temperature 1 without top-k/top-p
 reports KL at beta 0) and the old-log-prob forward at rollout time, which TRL skips when every batch is used
 once (its ratio is then 1 by construction).
 
+Then `packing: true` on its own: the three log-prob passes of an iteration (old log-probs with entropy, the
+reference's, the update's forward and backward) on ragged episodes, padded against packed, alternating, best of
+the rounds. The episodes are the task prompts with their gold answers and an EOS as completions (the ragged
+lengths of a policy that has learned to stop; the untrained bench policy runs to the window's end, where only
+the prompts' left padding is saved).
+
     .venv/bin/python benchmarks/bench_grpo.py [--quick] [--rounds 3] [--threads 1]
 """
 
@@ -130,6 +136,45 @@ def phases(lm: Path, prompts: int, group: int, new_tokens: int) -> dict[str, flo
             "update": time.perf_counter() - start}
 
 
+def packed_passes(lm: Path, prompts: int, group: int, new_tokens: int, rounds: int) -> dict:
+    """Real tokens/s of an iteration's log-prob passes, padded and packed (`packing: true`), and the padding
+    share of the padded batch."""
+    import torch
+
+    from components.lib.policy import load_policy
+    from components.lib.rollout import encode_prompts, first_eos_mask, reference_logprobs, response_logprobs
+    from components.lib.tasks import make_examples
+
+    policy, tok = load_policy(str(lm))
+    reference = __import__("copy").deepcopy(policy).requires_grad_(False).eval()
+    rows = [r for r in make_examples(0, "train", prompts, TASKS)[:prompts] for _ in range(group)]
+    query, query_mask = encode_prompts(tok, rows, 128)
+    answers = [tok(r["completion"])["input_ids"][:new_tokens - 1] + [tok.eos_token_id] for r in rows]
+    responses = torch.full((len(rows), new_tokens), tok.pad_token_id)
+    for i, a in enumerate(answers):
+        responses[i, :len(a)] = torch.tensor(a)
+    valid = first_eos_mask(responses, tok.eos_token_id)[0]
+    ids, mask, context = torch.cat([query, responses], 1), torch.cat([query_mask, valid.long()], 1), query.shape[1]
+
+    def passes(packed):
+        with torch.no_grad():
+            response_logprobs(policy, ids, mask, context, responses, 1.0, entropy=True, packed=packed)
+            reference_logprobs(policy, reference, ids, mask, context, responses, 1.0, packed=packed)
+        logp = response_logprobs(policy, ids, mask, context, responses, 1.0, packed=packed)[0]
+        (logp * valid).sum().backward()
+        policy.zero_grad()
+
+    best = {"padded": float("inf"), "packed": float("inf")}
+    for _ in range(rounds + 1):  # the first round warms up
+        for name, packed in (("padded", None), ("packed", ids.shape[1])):
+            start = time.perf_counter()
+            passes(packed)
+            best[name] = min(best[name], time.perf_counter() - start)
+    real = int(mask.sum())
+    return {"padded": real / best["padded"], "packed": real / best["packed"], "real": real,
+            "padding_share": 1 - real / mask.numel()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
@@ -156,6 +201,7 @@ def main() -> None:
         runs["ours"].append(ours(lm, tmp / f"ours{round_}", prompts, group, new_tokens, iterations))
         runs["trl"].append(trl(lm, tmp / f"trl{round_}", texts, prompts, group, new_tokens, iterations))
     split = phases(lm, prompts, group, new_tokens)
+    packed = packed_passes(lm, prompts, group, new_tokens, max(args.rounds, 3))
 
     print(f"\nGRPO, Llama {layers} layers x {width}, {prompts} prompts x G={group} completions x {new_tokens} new "
           f"tokens per iteration, {iterations} iterations, {torch.get_num_threads()} threads, best of {args.rounds} "
@@ -174,7 +220,14 @@ def main() -> None:
     total = sum(split.values())
     print(f"one iteration of ours   {total:.3f} s = generation {split['generation']:.3f} + scoring "
           f"{split['scoring']:.3f} (old and reference log-probs, entropy, rewards) + update {split['update']:.3f}")
+    print(f"packing: log-prob passes   {packed['packed']:8.0f} real tok/s packed vs {packed['padded']:.0f} padded, "
+          f"{packed['packed'] / packed['padded']:.2f}x ({packed['padding_share']:.0%} of the padded batch was padding)")
     results = Results(__file__, "quick" if args.quick else "")
+    results.add("real tokens/s of a grpo iteration's log-prob passes, packing vs padded (ragged episodes)",
+                packed["packed"], "tokens/s", "the same passes padded", packed["padded"],
+                note=f"{prompts * group} episodes, task prompts + gold answers + EOS, {packed['real']} real tokens, "
+                f"{packed['padding_share']:.0%} of the padded batch padding; old log-probs with entropy, reference, "
+                "update forward and backward")
     results.add("completion tokens/s, grpo step", best[0], "tokens/s", "TRL `GRPOTrainer`",
                 base[0] if trl_runs else None, goal=">= 0.9",
                 note=f"Llama {layers}x{width}, {prompts} prompts x G={group} x {new_tokens} new tokens, {iterations} "

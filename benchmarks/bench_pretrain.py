@@ -6,6 +6,7 @@ and achieved FLOP/s (6·N·tokens/s) is compared with this machine's matmul peak
 and, on a GPU, with its datasheet bf16 dense peak (MFU; the table GPU_BF16_PEAK_TFLOPS below).
 
     .venv/bin/python benchmarks/bench_pretrain.py [--quick] [--precision bf16-mixed|32-true]
+    .venv/bin/python benchmarks/bench_pretrain.py --auto-steps 3000   # + a run long enough for compile: auto
     .venv/bin/python benchmarks/bench_pretrain.py --device cuda --size 125m       # benchmarks/gpu_check.sh
     torchrun --nproc-per-node 2 benchmarks/bench_pretrain.py --device cuda --size 125m --ddp   # 2-GPU DDP step
 """
@@ -144,6 +145,7 @@ def component(spec, tok, root: Path, precision: str, device: str = "cpu", device
     ctx = make_ctx(root, "base", precision, {"tokenizer": tok}, device, devices)
     ctx = dataclasses.replace(ctx, ckpt_dir=ckpt_dir) if ckpt_dir else ctx
     out = pretrain.run(spec, ctx)
+    component.compile_speedup = out.metrics.get("perf/compile_speedup")  # set when compile: auto tried one
     return out.metrics["perf/tokens_per_s"], int(out.metrics["params/total"])
 
 
@@ -214,6 +216,28 @@ def ddp(spec, tok_result, root: Path, precision: str, device: str, variant: str)
     results.write()
 
 
+def long_run(spec, tok, tok_result, data, root: Path, args, device: str, results: Results) -> None:
+    """(d) the component with `trainer.compile: auto` on a run of --auto-steps steps against (c) Trainer on the
+    same blocks, each timed over its whole run (the component's compile, when auto tries one, included)."""
+    steps = args.auto_steps
+    spec = spec.model_copy(update={"max_steps": steps, "val_every": 10 * steps, "checkpoint_every": 10 * steps})
+    blocks, loader = [], iter(data.train_dataloader())
+    while len(blocks) < steps:
+        try:
+            blocks.append(next(loader))
+        except StopIteration:
+            loader = iter(data.train_dataloader())
+    d, _ = component(spec, tok_result, root / "long", args.precision, device)
+    speedup = component.compile_speedup
+    c = hf_trainer(spec, tok, blocks, root / "long", args.precision, device)
+    decided = f"auto compiled, measured {speedup:.2f}x per step" if speedup else "auto stayed eager"
+    print(f"(d) pretrain component, compile auto, {steps} steps: {d:,.0f} tokens/s ({decided}); (c) Trainer "
+          f"{c:,.0f}; d/c = {d / c:.3f} (goal >= 1.05)")
+    results.add(f"tokens/s over a {steps}-step pretrain, component with compile: auto vs transformers Trainer", d,
+                "tokens/s", "(c) transformers Trainer, same blocks", c, goal=">= 1.05",
+                note=f"whole runs, compile included; {decided}; one run each")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a smaller model and fewer steps (contended machines)")
@@ -226,6 +250,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=None, help="rounds of (a, b, c); the best of each counts")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--ddp", action="store_true", help="under torchrun: only the component, on every process")
+    parser.add_argument("--auto-steps", type=int, default=0,
+                        help="also (d) the component and (c) Trainer on a run of this many steps, long enough for "
+                        "`compile: auto` to try a compile (it risks at most 5%% of the run on one), whole runs "
+                        "timed, compile included")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -304,6 +332,8 @@ def main() -> None:
     if gpu:
         results.add("MFU: achieved FLOP/s over the GPU's bf16 dense peak", flops / scale, unit,
                     f"{gpu} bf16 dense peak (datasheet)", datasheet / scale if datasheet else None)
+    if args.auto_steps:
+        long_run(spec, tok, tok_result, data, root, args, device, results)
     results.write()
     if not math.isfinite(b):
         sys.exit(1)

@@ -154,7 +154,8 @@ class PackedBatches:
         if p is None:
             return ""
         if p.strategy == "bfd" and not kinds_with_bfd:
-            return "packing.strategy bfd packs single sequences (finetune); pairs pack per batch: use padding_free"
+            return ("packing.strategy bfd packs the whole training set once (finetune); this kind packs each batch: "
+                    "use padding_free")
         if getattr(getattr(self, "peft", None), "method", None) == "prompt_tuning":
             return "packing cannot go with prompt_tuning: its virtual tokens are prepended to every row"
         return ""

@@ -155,7 +155,9 @@ GRPO_ITER = [
     ("zero_std_fraction", "share of groups whose rewards are all equal (no advantage)"),
     ("reward_std", "mean within-group standard deviation of the reward"),
     ("completion_length", "mean completion length in tokens, EOS included"),
-    ("truncated_fraction", "share of completions that hit max_new_tokens without an EOS")]
+    ("truncated_fraction", "share of completions that hit max_new_tokens without an EOS"),
+    ("padding_share", "share of the padded batch's positions (prompts' left padding, completions past their "
+     "EOS) that are padding: what `packing` leaves out of the log-prob passes")]
 
 # a CSV's labels decide the task when the spec leaves it out (None: known only from the data)
 FF_CLASSIFIES = lambda s, u: None if s.inferred_task() is None else s.inferred_task() == "classification"  # noqa: E731
@@ -260,7 +262,9 @@ METRICS: dict[str, list[Metric]] = {
         _m("train/tokens", "training tokens seen, all processes"), _m("train/flops", "6 x parameters x tokens"),
         _m("params/total", "parameters of the model"),
         _m("params/non_embedding", "parameters outside the token embeddings (Kaplan et al.'s N)"),
-        *PERF, TIME],
+        *PERF, _m("perf/compile_speedup", "trainer.compile auto: the eager step's time over the compiled step's, as "
+                  "timed before keeping or undoing the compile", "compile auto tried a compile (a long enough run)",
+                  lambda s, u: None if s.objective in ("causal", "masked") else False), TIME],
     "evaluate": [
         *_score("{split}", "tokens", lambda s, u: s.tokens is not None),
         *_score("texts", "texts", lambda s, u: bool(s.texts)),

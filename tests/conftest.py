@@ -26,6 +26,35 @@ def prefect_harness():
         yield
 
 
+def run_shipped_spec(tmp_path: Path, spec: str, sets: list[str] = (), extra: list[str] = ()) -> None:
+    """`llmcycle run` a shipped spec as a user does: `specs/<spec>` copied to the same place under `tmp_path`
+    (so that paths relative to it hold), each of `sets` given as `--set`, `extra` as more arguments; it must
+    succeed. Runs, the MLflow store and models land under tmp_path/runs."""
+    import shutil
+
+    from flows.cli import main
+
+    path = tmp_path / "specs" / spec
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(REPO / "specs" / spec, path)
+    assert main(["run", str(path), *extra, *[arg for s in sets for arg in ("--set", s)]]) == 0
+
+
+def cut_training(steps: list[str], max_steps: int = 4) -> list[str]:
+    """`--set` values that cut each training step to `max_steps` steps, two held-out rounds of one batch, and
+    no model logged: a shipped spec's whole graph in seconds."""
+    return [f"steps.{s}.{k}={v}" for s in steps for k, v in (("max_steps", max_steps), ("val_every", 2),
+                                                             ("val_batches", 1), ("log_model", "false"))]
+
+
+def step_result(tmp_path: Path, step: str) -> dict:
+    """The result.json of the one run of `step` under tmp_path/runs."""
+    import json
+
+    [result] = [json.loads(p.read_text()) for p in (tmp_path / "runs" / step).glob("*/result.json")]
+    return result
+
+
 def make_ctx(tmp: Path, name: str = "step", kind: str = "step", upstream: dict | None = None, seed: int = 0,
              trainer: dict | None = None, base_dir: Path | None = None, fingerprint: str = "0" * 64):
     """A StepContext for calling a component's run() directly, without Prefect or MLflow."""

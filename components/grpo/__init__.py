@@ -19,6 +19,7 @@ import torch
 
 from components.lib.context import StepContext, StepOutput, effort
 from components.lib.decoding import step_decoder
+from components.lib.packing import check_packable
 from components.lib.policy import (IterationProgress, held_out, load_policy, load_prompts, log_policy_results,
                                    save_policy)
 from components.lib.training import fit, make_trainer, world_size
@@ -59,7 +60,9 @@ def build_module(spec: GrpoSpec, ctx: StepContext, policy, tokenizer, rewards):
     from components.grpo.module import GRPOModule
 
     decoder = step_decoder(ctx)  # trainer.generation: how rollouts decode
-    reference = None
+    reference, packing = None, spec.packing_spec()
+    if packing is not None:
+        check_packable(policy)
     if spec.peft.method == "lora":
         from components.lib.peft import apply_peft
 
@@ -74,7 +77,9 @@ def build_module(spec: GrpoSpec, ctx: StepContext, policy, tokenizer, rewards):
         kl_estimator=spec.kl.estimator, dynamic_sampling=spec.dynamic_sampling,
         overlong_filter=spec.overlong.filter, epochs=spec.epochs, minibatches=spec.minibatches,
         temperature=spec.temperature, max_new_tokens=spec.max_new_tokens, max_prompt_length=spec.prompts.max_length,
-        generation_cache=decoder.cache, generation_compile=decoder.compile, seed=ctx.seed)
+        generation_cache=decoder.cache, generation_compile=decoder.compile,
+        packing=packing is not None, packing_length=packing.length if packing else None,
+        seed=ctx.seed)
 
 
 def run(spec: GrpoSpec, ctx: StepContext) -> StepOutput:

@@ -94,7 +94,8 @@ class GRPOModule(L.LightningModule):
                  dynamic_sampling: bool = False, overlong_filter: bool = False, epochs: int = 1,
                  minibatches: int = 1, temperature: float = 1.0, max_new_tokens: int = 16,
                  max_prompt_length: int = 128, generation_cache: str = "auto",
-                 generation_compile: bool | str = "auto", seed: int = 0):
+                 generation_compile: bool | str = "auto", packing: bool = False, packing_length: int | None = None,
+                 seed: int = 0):
         super().__init__()
         self.save_hyperparameters(ignore=["policy", "tokenizer", "rewards", "reference"])
         self.decoder = Decoder(generation_cache, generation_compile)  # trainer.generation
@@ -118,9 +119,9 @@ class GRPOModule(L.LightningModule):
         ids, mask = roll.full()
         context = query.shape[1]
         roll.logprobs, entropy, _ = response_logprobs(self.policy, ids, mask, context, roll.responses,
-                                                      hp.temperature, entropy=True)
+                                                      hp.temperature, entropy=True, packed=self.packed(ids))
         roll.ref_logprobs = reference_logprobs(self.policy, self.reference, ids, mask, context, roll.responses,
-                                               hp.temperature)
+                                               hp.temperature, packed=self.packed(ids))
         per_source, extras = self.rewards(roll, rows)
         roll.scores = core.combine_rewards(per_source, self.rewards.weights)
         roll.loss_mask = roll.valid & roll.has_eos[:, None] if hp.overlong_filter else roll.valid
@@ -128,12 +129,18 @@ class GRPOModule(L.LightningModule):
                       kl=kl_per_token(roll.logprobs, roll.ref_logprobs, hp.kl_estimator) * roll.valid)
         return roll, extras
 
+    def packed(self, ids: torch.Tensor) -> int | None:
+        """The row length the policy and reference forward passes pack episodes into (`packing`; default the
+        padded batch's width, so that no row is longer than a padded one), or None: padded."""
+        return (self.hparams.packing_length or ids.shape[1]) if self.hparams.packing else None
+
     # -- update -----------------------------------------------------------------------------------
 
     def _loss(self, sub: GroupRollout, num_items: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         hp = self.hparams
         ids, mask = sub.full()
-        logp = response_logprobs(self.policy, ids, mask, sub.query.shape[1], sub.responses, hp.temperature)[0]
+        logp = response_logprobs(self.policy, ids, mask, sub.query.shape[1], sub.responses, hp.temperature,
+                                 packed=self.packed(ids))[0]
         return core.grpo_loss(logp, sub.logprobs, sub.advantages, sub.loss_mask, hp.loss_type, hp.clip_low,
                               hp.clip_high, sub.ref_logprobs, hp.kl_coef, hp.kl_estimator, hp.max_new_tokens,
                               num_items)
@@ -186,7 +193,8 @@ class GRPOModule(L.LightningModule):
             "grpo/zero_std_fraction": float(zero_std.float().mean()),
             "grpo/reward_std": float(torch.nan_to_num(std).mean()),
             "grpo/completion_length": float(roll.valid.sum(1).float().mean()),
-            "grpo/truncated_fraction": float((~roll.has_eos).float().mean())})
+            "grpo/truncated_fraction": float((~roll.has_eos).float().mean()),
+            "grpo/padding_share": 1 - float(roll.full()[1].float().mean())})
         if self.hparams.dynamic_sampling:
             metrics["grpo/skipped_groups"] = float(self.skipped_groups)
         return metrics

@@ -110,23 +110,54 @@ def sample(policy, query: torch.Tensor, query_mask: torch.Tensor, max_new_tokens
 
 
 def response_logprobs(model, ids: torch.Tensor, mask: torch.Tensor, context: int, responses: torch.Tensor,
-                      temperature: float, value_head: torch.nn.Module | None = None, entropy: bool = False):
-    """(log π(y_t), entropy_t or None, values_t or None) for the response tokens; invalid positions are 1.0."""
+                      temperature: float, value_head: torch.nn.Module | None = None, entropy: bool = False,
+                      packed: int | None = None):
+    """(log π(y_t), entropy_t or None, values_t or None) for the response tokens; invalid positions are 1.0.
+    `packed`: run the episodes packed into rows of at most this many tokens (`packed_forward`), else padded."""
     from trl.trainer.utils import selective_log_softmax, selective_log_softmax_and_entropy
 
-    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask),
-                output_hidden_states=value_head is not None, use_cache=False)
-    logits = out.logits[:, context - 1:-1].float()
+    logits, hidden = (packed_forward if packed else padded_forward)(model, ids, mask, context,
+                                                                     value_head is not None, packed)
+    logits = logits.float()
     if entropy:
         logp, ent = selective_log_softmax_and_entropy(logits, responses, temperature=temperature)
     else:
         logp, ent = selective_log_softmax(logits, responses, temperature=temperature), None
     valid = mask[:, context:].bool()
     logp = torch.where(valid, logp, torch.full_like(logp, INVALID_LOGPROB))
-    values = None
-    if value_head is not None:
-        values = value_head(out.hidden_states[-1][:, context - 1:-1].float()).squeeze(-1)
+    values = value_head(hidden.float()).squeeze(-1) if value_head is not None else None
     return logp, ent, values
+
+
+def padded_forward(model, ids, mask, context: int, hidden: bool, _=None):
+    """Logits (and last hidden states) at the positions that predict the response tokens, `(batch,
+    response_len, ·)`, from the left-padded batch as it is."""
+    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), output_hidden_states=hidden,
+                use_cache=False)
+    return out.logits[:, context - 1:-1], out.hidden_states[-1][:, context - 1:-1] if hidden else None
+
+
+def packed_forward(model, ids, mask, context: int, hidden: bool, capacity: int):
+    """`padded_forward`'s result, computed on the episodes' real tokens only: each episode's prompt (its left
+    padding dropped) and response (up to its first EOS) packed by best-fit decreasing into rows of at most
+    `capacity` tokens, positions restarting per episode, so that no position is spent on padding
+    (components/lib/packing.py). The positions past an episode's end read column 0 of its row; the caller
+    masks them."""
+    from components.lib.packing import pack
+
+    real = mask.bool()
+    cpu_ids, cpu_real = ids.cpu(), real.cpu()
+    batch = pack([{"input_ids": cpu_ids[i][cpu_real[i]].tolist()} for i in range(len(ids))], capacity, pad_id=0)
+    out = model(input_ids=batch["input_ids"].to(ids.device), position_ids=batch["position_ids"].to(ids.device),
+                output_hidden_states=hidden, use_cache=False)
+    lengths = real.sum(1)
+    prompt = real[:, :context].sum(1)
+    last = batch["last_index"].to(ids.device)
+    start = last[:, 1] - lengths + 1
+    t = torch.arange(ids.shape[1] - context, device=ids.device)
+    cols = torch.where(real[:, context:], (start + prompt - 1)[:, None] + t[None, :], 0)  # predicts token t
+    rows = last[:, :1].expand_as(cols)
+    return out.logits[rows, cols], out.hidden_states[-1][rows, cols] if hidden else None
 
 
 def encode_prompts(tokenizer, rows: list[dict], max_length: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -136,12 +167,12 @@ def encode_prompts(tokenizer, rows: list[dict], max_length: int, device=None) ->
 
 
 def reference_logprobs(policy, reference, ids: torch.Tensor, mask: torch.Tensor, context: int,
-                       responses: torch.Tensor, temperature: float) -> torch.Tensor:
+                       responses: torch.Tensor, temperature: float, packed: int | None = None) -> torch.Tensor:
     """Reference log-probs: the frozen copy `reference`, or (None) the LoRA policy with its adapter disabled."""
     if reference is not None:
-        return response_logprobs(reference, ids, mask, context, responses, temperature)[0]
+        return response_logprobs(reference, ids, mask, context, responses, temperature, packed=packed)[0]
     with policy.disable_adapter():
-        return response_logprobs(policy, ids, mask, context, responses, temperature)[0]
+        return response_logprobs(policy, ids, mask, context, responses, temperature, packed=packed)[0]
 
 
 def minibatch_passes(module, roll, epochs: int, minibatches: int, generator: torch.Generator, loss_of,

@@ -282,8 +282,11 @@ def make_trainer(ctx: StepContext, loop: TrainingLoop, steps: int, params: int =
 
 
 def perf_metrics(trainer: L.Trainer) -> dict[str, float]:
-    """The throughput of the last fit (`perf/tokens_per_s`, `perf/flops_per_s`)."""
-    return next((cb.summary() for cb in trainer.callbacks if isinstance(cb, Throughput)), {})
+    """The throughput of the last fit (`perf/tokens_per_s`, `perf/flops_per_s`), and `perf/compile_speedup` when
+    `compile: auto` timed a compiled step (the eager step's time over the compiled one's, kept or not)."""
+    metrics = next((cb.summary() for cb in trainer.callbacks if isinstance(cb, Throughput)), {})
+    auto = next((cb for cb in trainer.callbacks if isinstance(cb, AutoCompile) and cb.speedup), None)
+    return {**metrics, "perf/compile_speedup": auto.speedup} if auto else metrics
 
 
 def last_checkpoint(ctx: StepContext) -> str | None:
@@ -305,15 +308,20 @@ def last_checkpoint(ctx: StepContext) -> str | None:
     return None
 
 
-# `compile: auto` measures before it decides (benchmarks/bench_compile.py measured the constants here, 2-core
-# CPU, 2026-12-02): compiling a pretrain step made it 1.54x faster, after a one-off compile of about 170 s; a
-# finetune step, whose batch shape changes batch to batch, recompiled each time and ran at 0.11x.
+# `compile: auto` measures before it decides and after. benchmarks/bench_compile.py (2-core CPU, idle, 2026-12-02)
+# found the gain to depend on the model: a 2x128 Llama's pretrain step ran 1.24x faster compiled (24 s compile),
+# a 4x256 one's 1.01x (37 s); a finetune step, whose batch shape changes batch to batch, recompiled each time
+# and ran at 0.11x. So no fixed speed-up is assumed: `auto` tries a compile only when its cost is a small share
+# of the time left (COMPILE_BUDGET), times the compiled steps, and goes back to eager when they are not faster.
+# The most a try can lose is then that share; what it gains is measured.
 COMPILE_PROBE_STEPS = 20
-"""`auto` times this many eager optimizer steps (after the first) before deciding."""
-COMPILE_SPEEDUP = 1.3
-"""The speed-up `auto` expects of a compiled step (conservative against the 1.54x measured)."""
-COMPILE_SECONDS = {"cpu": 170.0, "cuda": 60.0}
-"""The one-off compile time `auto` expects, by device."""
+"""`auto` times this many optimizer steps eagerly (after the first), and as many compiled, before deciding."""
+COMPILE_BUDGET = 0.05
+"""The share of the remaining (eager) training time that `auto` risks on a compile that may not pay."""
+COMPILE_SECONDS = {"cpu": 40.0, "cuda": 60.0}
+"""The one-off compile time `auto` expects, by device (measured: 24-37 s on this CPU, idle)."""
+COMPILE_KEEP = 0.97
+"""The compiled steps are kept when they take at most this share of the eager step's time."""
 
 
 def should_compile(setting: bool | str, fixed_shapes: bool, generates: bool = False) -> bool | None:
@@ -326,10 +334,10 @@ def should_compile(setting: bool | str, fixed_shapes: bool, generates: bool = Fa
     return None if fixed_shapes and not generates else False
 
 
-def pays_back(step_seconds: float, steps_left: int, device: str) -> bool:
-    """Whether compiling now saves more time over the remaining steps than the compile costs."""
-    saved = step_seconds * steps_left * (1 - 1 / COMPILE_SPEEDUP)
-    return saved > COMPILE_SECONDS["cuda" if device == "cuda" else "cpu"]
+def worth_trying(step_seconds: float, steps_left: int, device: str) -> bool:
+    """Whether a compile costs at most COMPILE_BUDGET of the eager time left, so that trying it is cheap even
+    when the compiled step turns out no faster."""
+    return COMPILE_SECONDS["cuda" if device == "cuda" else "cpu"] <= COMPILE_BUDGET * step_seconds * steps_left
 
 
 def compile_trained(module: L.LightningModule) -> list[str]:
@@ -343,33 +351,64 @@ def compile_trained(module: L.LightningModule) -> list[str]:
     return names
 
 
+def uncompile(module: L.LightningModule, names: list[str]) -> None:
+    """Undo `compile_trained`: the networks run eagerly again. (`nn.Module.compile` keeps the compiled call
+    in `_compiled_call_impl` and uses it while it is set; torch has no public way back.)"""
+    for name in names:
+        getattr(module, name)._compiled_call_impl = None
+
+
 class AutoCompile(Callback):
-    """`compile: auto` on a fixed-shape kind: time optimizer steps 2..COMPILE_PROBE_STEPS+1 eagerly, then compile
-    if the remaining steps at that pace would win the compile time back (`pays_back`); say what it decided."""
+    """`compile: auto` on a fixed-shape kind, in three phases (printing each decision):
+
+    1. time optimizer steps 2..COMPILE_PROBE_STEPS+1 eagerly; compile when `worth_trying` at that pace;
+    2. let the next step compile (its time is the compile's), then time COMPILE_PROBE_STEPS compiled steps;
+    3. keep the compiled networks when their step is faster (COMPILE_KEEP), else go back to eager.
+    `decision` ends as "eager" (never tried), "compiled" or "reverted"; `speedup` is the measured ratio."""
 
     def __init__(self, step_name: str):
-        self.step_name, self.started, self.decided = step_name, None, False
+        self.step_name, self.phase, self.started, self.first = step_name, "eager", None, 0
+        self.decision, self.speedup, self.eager_pace, self.names = None, None, None, []
 
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
-        if self.decided or trainer.global_step < 1:
-            return
+    def _timed(self, trainer) -> float | None:
+        """The pace (s/step) of the steps since this phase's clock started, once COMPILE_PROBE_STEPS ran."""
         if self.started is None:
             self.started, self.first = time.perf_counter(), trainer.global_step
-            return
+            return None
         done = trainer.global_step - self.first
-        if done < COMPILE_PROBE_STEPS:
+        return (time.perf_counter() - self.started) / done if done >= COMPILE_PROBE_STEPS else None
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        if self.decision or trainer.global_step < 1:
             return
-        self.decided = True
-        pace, left = (time.perf_counter() - self.started) / done, trainer.max_steps - trainer.global_step
-        device = module.device.type
-        if pays_back(pace, left, device):
-            names = compile_trained(module)
+        if self.phase == "compiling":  # the step that just ran compiled: the compiled clock starts now
+            self.phase = "compiled"
+        pace = self._timed(trainer)
+        if pace is None:
+            return
+        left, device = trainer.max_steps - trainer.global_step, module.device.type
+        if self.phase == "eager":
+            self.eager_pace = pace
+            if not worth_trying(pace, left, device):
+                self.decision = "eager"
+                print(f"{self.step_name}: compile auto: {left} steps left at {pace:.3f} s/step; a compile "
+                      f"(about {COMPILE_SECONDS[device if device == 'cuda' else 'cpu']:.0f} s) would risk more "
+                      f"than {COMPILE_BUDGET:.0%} of that; staying eager", flush=True)
+                return
+            self.names, self.phase, self.started = compile_trained(module), "compiling", None
             print(f"{self.step_name}: compile auto: {left} steps left at {pace:.3f} s/step; compiling "
-                  f"{', '.join(names)} (about {COMPILE_SECONDS[device if device == 'cuda' else 'cpu']:.0f} s, "
-                  "won back within the step)", flush=True)
+                  f"{', '.join(self.names)} and timing it", flush=True)
+            return
+        self.speedup = self.eager_pace / pace
+        if pace <= COMPILE_KEEP * self.eager_pace:
+            self.decision = "compiled"
+            print(f"{self.step_name}: compile auto: compiled steps {self.speedup:.2f}x as fast "
+                  f"({pace:.3f} s/step); keeping them", flush=True)
         else:
-            print(f"{self.step_name}: compile auto: {left} steps left at {pace:.3f} s/step would not win the "
-                  "compile time back; staying eager", flush=True)
+            uncompile(module, self.names)
+            self.decision = "reverted"
+            print(f"{self.step_name}: compile auto: compiled steps only {self.speedup:.2f}x as fast "
+                  f"({pace:.3f} s/step); back to eager", flush=True)
 
 
 def fit(trainer: L.Trainer, module: L.LightningModule, datamodule=None, ctx: StepContext | None = None,

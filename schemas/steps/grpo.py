@@ -9,7 +9,7 @@ from typing import Annotated, ClassVar, Literal
 from pydantic import AfterValidator, Field, model_validator
 
 from ..base import CausalModelRef, OptimizerSpec, Ref, ScheduleSpec, Section, StepSpec
-from ..data import PromptDataSpec
+from ..data import PackedBatches, PackingSpec, PromptDataSpec
 from ..peft import PeftSpec
 
 FUNCTION = r"^[A-Za-z_][A-Za-z0-9_.]*(:[A-Za-z_][A-Za-z0-9_]*)?$"
@@ -96,7 +96,7 @@ class OverlongSpec(Section):
     """A length penalty added to the reward as source `overlong` (weight 1); null: none."""
 
 
-class GrpoSpec(StepSpec):
+class GrpoSpec(PackedBatches, StepSpec):
     """Group-relative policy optimization (Shao et al. 2024) and its variants, as TRL's GRPOTrainer computes them."""
 
     produces: ClassVar[frozenset[str]] = frozenset({"model", "tokenizer", "adapter"})
@@ -154,9 +154,16 @@ class GrpoSpec(StepSpec):
     """Held-out completions (initial vs final policy) logged as an MLflow table."""
     checkpoint_every: int = Field(10, ge=1)
     """Save a resumable checkpoint every this many iterations."""
+    packing: bool | PackingSpec = False
+    """Run the policy's and reference's log-prob passes on each episode's real tokens only (prompt without its
+    left padding, completion up to its first EOS), packed into rows no longer than the padded batch (true:
+    `padding_free`), or a `{strategy: padding_free, length}` section. Generation is unchanged; the log-probs,
+    and so the loss, are those of the padded batch."""
 
     @model_validator(mode="after")
     def _consistent(self) -> "GrpoSpec":
+        if problem := self.packing_problem():
+            raise ValueError(problem)
         if self.peft.method not in ("full", "lora"):
             raise ValueError(f"peft.method: grpo supports full or lora, got {self.peft.method!r}")
         if sum(r.reward_model is not None for r in self.rewards) > 1:

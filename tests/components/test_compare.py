@@ -59,24 +59,15 @@ def test_a_metric_or_curve_a_step_lacks_is_an_error_naming_it(tmp_path):
 @pytest.mark.usefixtures("prefect_harness")
 def test_the_course_sequences_spec_runs_end_to_end(tmp_path, monkeypatch):
     """specs/course/sequences.yaml as a user runs it, each training cut to 4 steps."""
-    import shutil
-
     from mlflow.tracking import MlflowClient
 
-    from flows.cli import main
-    from tests.conftest import REPO
+    from tests.conftest import cut_training, run_shipped_spec, step_result
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    (tmp_path / "specs" / "course").mkdir(parents=True)
-    path = tmp_path / "specs" / "course" / "sequences.yaml"
-    shutil.copy(REPO / "specs" / "course" / "sequences.yaml", path)
     families = ["mlp", "rnn", "lstm", "llama"]
-    shorter = [f"steps.{f}.{k}={v}" for f in families for k, v in (("max_steps", 4), ("val_every", 2),
-                                                                   ("val_batches", 1), ("log_model", "false"))]
-    assert main(["run", str(path), *sum((["--set", s] for s in shorter), [])]) == 0
+    run_shipped_spec(tmp_path, "course/sequences.yaml", cut_training(families))
 
-    [result] = [json.loads(p.read_text()) for p in (tmp_path / "runs" / "compare").glob("*/result.json")]
-    rows = result["info"]["table"]
+    rows = step_result(tmp_path, "compare")["info"]["table"]
     assert [r["step"] for r in rows] == families and all(r["val/perplexity"] > 1 for r in rows)
     assert 0.95 < min(r["params/total"] for r in rows) / max(r["params/total"] for r in rows)  # within 5%
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")

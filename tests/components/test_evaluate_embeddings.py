@@ -235,25 +235,16 @@ def test_a_model_without_attention_is_refused_when_validated_and_when_run(tmp_pa
 def test_the_course_embeddings_and_attention_specs_run_end_to_end(tmp_path, monkeypatch):
     """specs/course/embeddings.yaml then attention.yaml as a user runs them, training cut to 4 steps: the second
     reuses the tokenizer and model the first trained (same steps, same workdir)."""
-    import shutil
-
-    from flows.cli import main
-    from tests.conftest import REPO
+    from tests.conftest import cut_training, run_shipped_spec, step_result
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    (tmp_path / "specs" / "course").mkdir(parents=True)
-    base = [("base.max_steps", 4), ("base.val_every", 2), ("base.val_batches", 1), ("base.log_model", "false")]
-    cuts = {"embeddings": base + [("vectors.max_batches", 1), ("vectors.embeddings.sentences.n_per_split", 20),
-                                  ("vectors.embeddings.projector.tokens", 200),
-                                  ("vectors.embeddings.dimensions.pairs", 100)], "attention": base}
-    results = {}
+    cuts = {"embeddings": cut_training(["base"]) + [
+        "steps.vectors.max_batches=1", "steps.vectors.embeddings.sentences.n_per_split=20",
+        "steps.vectors.embeddings.projector.tokens=200", "steps.vectors.embeddings.dimensions.pairs=100"],
+        "attention": cut_training(["base"])}
     for name in ("embeddings", "attention"):
-        path = tmp_path / "specs" / "course" / f"{name}.yaml"
-        shutil.copy(REPO / "specs" / "course" / f"{name}.yaml", path)
-        assert main(["run", str(path), *[s for k, v in cuts[name] for s in ("--set", f"steps.{k}={v}")]]) == 0
-    for step in ("vectors", "heads", "base"):
-        [found] = [json.loads(p.read_text()) for p in (tmp_path / "runs" / step).glob("*/result.json")]
-        results[step] = found["metrics"]
+        run_shipped_spec(tmp_path, f"course/{name}.yaml", cuts[name])
+    results = {step: step_result(tmp_path, step)["metrics"] for step in ("vectors", "heads", "base")}
     assert 0 <= results["vectors"]["embeddings/probe/accuracy"] <= 1 and "embeddings/analogies/solved" in \
         results["vectors"]
     assert 0 < results["heads"]["attention/prev_token_max"] <= 1

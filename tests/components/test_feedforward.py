@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +15,6 @@ from components.feedforward import data as datasets
 from components.feedforward.network import load_network
 from schemas.steps.feedforward import PLAYGROUND, FeedforwardSpec
 from tests.conftest import check_contract, make_ctx
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def spec(**fields) -> FeedforwardSpec:
@@ -270,15 +267,12 @@ def test_a_csv_file_trains_with_its_task_inferred(tmp_path):
 def test_the_course_max_quiz_runs_end_to_end(tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
 
-    from flows.cli import main
+    from tests.conftest import run_shipped_spec, step_result
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    (tmp_path / "specs" / "course").mkdir(parents=True)
-    path = tmp_path / "specs" / "course" / "max-quiz.yaml"
-    shutil.copy(REPO / "specs" / "course" / "max-quiz.yaml", path)
-    assert main(["run", str(path), "--only", "max_relu", "--set", "steps.max_relu.epochs=40"]) == 0
+    run_shipped_spec(tmp_path, "course/max-quiz.yaml", ["steps.max_relu.epochs=40"], extra=["--only", "max_relu"])
 
-    [result] = [json.loads(p.read_text()) for p in (tmp_path / "runs" / "max_relu").glob("*/result.json")]
+    result = step_result(tmp_path, "max_relu")
     assert result["metrics"]["val/loss"] < 1e-6 and result["outputs"] == {"network": "network"}
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("course-max-quiz")

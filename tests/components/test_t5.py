@@ -275,29 +275,19 @@ def test_a_t5_registers_as_a_generator_that_loads_back(t5_pretrained, tmp_path):
 @pytest.mark.usefixtures("prefect_harness")
 def test_the_course_transformer_types_spec_runs_end_to_end(tmp_path, monkeypatch):
     """specs/course/transformer-types.yaml as a user runs it, each training cut to 4 steps."""
-    import shutil
-
-    from flows.cli import main
-    from tests.conftest import REPO
+    from tests.conftest import cut_training, run_shipped_spec, step_result
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    (tmp_path / "specs" / "course").mkdir(parents=True)
-    path = tmp_path / "specs" / "course" / "transformer-types.yaml"
-    shutil.copy(REPO / "specs" / "course" / "transformer-types.yaml", path)
     trained = ["decoder", "encoder", "encoder_decoder"]
-    shorter = [f"steps.{s}.{k}={v}" for s in trained for k, v in (("max_steps", 4), ("val_every", 2),
-                                                                  ("val_batches", 1), ("log_model", "false"))]
-    shorter += ["steps.encoder_decoder_eval.max_batches=1", "steps.encoder_decoder_eval.generation.max_new_tokens=4"]
-    assert main(["run", str(path), *sum((["--set", s] for s in shorter), [])]) == 0
+    run_shipped_spec(tmp_path, "course/transformer-types.yaml", cut_training(trained) + [
+        "steps.encoder_decoder_eval.max_batches=1", "steps.encoder_decoder_eval.generation.max_new_tokens=4"])
 
-    [result] = [json.loads(p.read_text()) for p in (tmp_path / "runs" / "compare").glob("*/result.json")]
-    rows = result["info"]["table"]
+    rows = step_result(tmp_path, "compare")["info"]["table"]
     assert [r["step"] for r in rows] == trained
     for step in trained:  # each model's held-out loss on its own objective fell
-        [pretrained] = [json.loads(p.read_text()) for p in (tmp_path / "runs" / step).glob("*/result.json")]
+        pretrained = step_result(tmp_path, step)
         assert pretrained["metrics"]["val/loss"] < pretrained["metrics"]["before/val/loss"], step
     assert 0.95 < min(r["params/total"] for r in rows) / max(r["params/total"] for r in rows)  # within 5%
-    [evaluated] = [json.loads(p.read_text()) for p in (tmp_path / "runs" / "encoder_decoder_eval").glob(
-        "*/result.json")]
+    evaluated = step_result(tmp_path, "encoder_decoder_eval")
     assert evaluated["info"]["objective"] == "span_corruption" and evaluated["metrics"]["val/loss"] > 0
     assert (next((tmp_path / "runs" / "compare").glob("*/comparison.png"))).stat().st_size > 5000

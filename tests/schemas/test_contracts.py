@@ -62,7 +62,7 @@ def test_a_gate_on_a_metric_the_step_will_not_emit(write_spec):
         "10:35: steps.r.gate[1]: step 'base' (pretrain) does not emit 'val/perplexity_initial' with its settings (did "
         "you mean 'val/perplexity'?); it emits: val/loss, val/perplexity, before/val/loss, before/val/perplexity, "
         "train/loss, train/steps, train/tokens, train/flops, params/total, params/non_embedding, perf/tokens_per_s, "
-        "perf/flops_per_s, time/seconds"]
+        "perf/flops_per_s, perf/compile_speedup, time/seconds"]
 
 
 def test_task_names_are_checked_everywhere(write_spec):

@@ -117,7 +117,7 @@ def test_packing_spec_rules():
     with pytest.raises(ValidationError, match="prompt_tuning"):
         FinetuneSpec.model_validate({"kind": "finetune", "model": "base", "data": {"builtin": "tasks"},
                                      "packing": True, "peft": {"method": "prompt_tuning"}})
-    with pytest.raises(ValidationError, match="pairs pack per batch"):
+    with pytest.raises(ValidationError, match="this kind packs each batch"):
         DpoSpec.model_validate({"kind": "dpo", "model": "base", "data": {"builtin": "preferences"},
                                 "packing": {"strategy": "bfd"}})
 
@@ -142,3 +142,72 @@ def test_a_packed_finetune_learns_and_refuses_a_recurrent_model(tmp_path, tiny_l
     rnn = FAMILIES["rnn"][1](build_config("rnn", vocab_size=64))
     with pytest.raises(ValueError, match="carries state from one example to the next"):
         packing.check_packable(rnn)
+
+
+def _episodes(tok, rng: random.Random):
+    """A rollout batch as grpo's sampler leaves it: left-padded prompts of different lengths, responses cut after
+    an EOS at different places (one runs to the window's end)."""
+    from components.lib.rollout import encode_prompts, first_eos_mask
+
+    rows = [{"prompt": "Copy: " + " ".join(["cat dog"] * rng.randint(1, 6)) + "\nAnswer:"} for _ in range(8)]
+    query, query_mask = encode_prompts(tok, rows, 64)
+    responses = torch.randint(5, len(tok), (8, 12), generator=torch.Generator().manual_seed(0))
+    for i, end in enumerate([2, 11, 5, 0, 7, 3, 9]):  # the 8th has no EOS
+        responses[i, end] = tok.eos_token_id
+    valid, _, _ = first_eos_mask(responses, tok.eos_token_id)
+    responses = torch.where(valid, responses, torch.full_like(responses, tok.pad_token_id))
+    return torch.cat([query, responses], 1), torch.cat([query_mask, valid.long()], 1), query.shape[1], responses
+
+
+@pytest.mark.parametrize("capacity", [None, 24])
+def test_grpo_episodes_packed_give_the_log_probs_and_gradients_of_padded_ones(tiny_lm, capacity):
+    """The policy's per-token log-probs and entropies of each completion, and the gradient of a loss on them,
+    are those of the padded batch, with every packed row no longer than the padded one (24: several rows)."""
+    from transformers import AutoTokenizer
+
+    from components.lib.rollout import response_logprobs
+
+    tok = AutoTokenizer.from_pretrained(tiny_lm)
+    ids, mask, context, responses = _episodes(tok, random.Random(0))
+    assert (mask == 0).float().mean() > 0.2  # a fifth of the padded batch is padding
+    for model in _models(len(tok)):
+        model.eval()
+        results = []
+        for packed in (None, capacity or ids.shape[1]):
+            model.zero_grad()
+            logp, ent, _ = response_logprobs(model, ids, mask, context, responses, 0.7, entropy=True, packed=packed)
+            (logp * mask[:, context:]).sum().backward()
+            results.append((logp.detach(), ent.detach(),
+                            {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+        (lp_pad, ent_pad, g_pad), (lp_pack, ent_pack, g_pack) = results
+        valid = mask[:, context:].bool()
+        assert torch.allclose(lp_pack, lp_pad, rtol=TOLERANCE, atol=1e-5)  # 1.0 past each end on both sides
+        assert torch.allclose(ent_pack[valid], ent_pad[valid], rtol=TOLERANCE, atol=1e-5)
+        for name, grad in g_pad.items():
+            assert torch.allclose(g_pack[name], grad, rtol=1e-4, atol=1e-6), name
+
+
+def test_a_packed_grpo_step_trains_the_policy_the_padded_one_does(tiny_lm, tmp_path):
+    """One iteration, same seed: the same completions are sampled, so the packed update lands on the padded
+    one's parameters; bfd (a whole-training-set placement) is refused."""
+    from pydantic import ValidationError
+    from transformers import AutoModelForCausalLM
+
+    from components import grpo
+    from schemas.steps.grpo import GrpoSpec
+    from tests.conftest import finish, make_ctx
+
+    base = dict(kind="grpo", policy=str(tiny_lm), rewards=[{"function": "length_penalty"}], iterations=1,
+                prompts_per_iteration=4, group_size=4, max_new_tokens=8, eval_samples=0, optimizer={"lr": 1e-3},
+                prompts={"builtin": "tasks", "n_per_task": 4, "tasks": ["copy", "count"]})
+    states = []
+    for packing_setting in (False, True):
+        ctx = make_ctx(tmp_path / str(packing_setting), name="grpo", kind="grpo")
+        out = grpo.run(GrpoSpec(**base, packing=packing_setting), ctx)
+        states.append(AutoModelForCausalLM.from_pretrained(finish(ctx, out).path("model")).state_dict())
+    start = AutoModelForCausalLM.from_pretrained(tiny_lm).state_dict()
+    assert any(not torch.equal(states[1][k], start[k]) for k in start)  # it trained
+    for name, value in states[0].items():
+        assert torch.allclose(states[1][name], value, atol=1e-5), name
+    with pytest.raises(ValidationError, match="this kind packs each batch"):
+        GrpoSpec(**base, packing={"strategy": "bfd"})
