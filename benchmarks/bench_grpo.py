@@ -139,6 +139,8 @@ def phases(lm: Path, prompts: int, group: int, new_tokens: int) -> dict[str, flo
 def packed_passes(lm: Path, prompts: int, group: int, new_tokens: int, rounds: int) -> dict:
     """Real tokens/s of an iteration's log-prob passes, padded and packed (`packing: true`), and the padding
     share of the padded batch."""
+    import copy
+
     import torch
 
     from components.lib.policy import load_policy
@@ -146,7 +148,7 @@ def packed_passes(lm: Path, prompts: int, group: int, new_tokens: int, rounds: i
     from components.lib.tasks import make_examples
 
     policy, tok = load_policy(str(lm))
-    reference = __import__("copy").deepcopy(policy).requires_grad_(False).eval()
+    reference = copy.deepcopy(policy).requires_grad_(False).eval()
     rows = [r for r in make_examples(0, "train", prompts, TASKS)[:prompts] for _ in range(group)]
     query, query_mask = encode_prompts(tok, rows, 128)
     answers = [tok(r["completion"])["input_ids"][:new_tokens - 1] + [tok.eos_token_id] for r in rows]

@@ -135,7 +135,7 @@ def hand_loop(spec, tok, blocks, precision: str, device: str = "cpu") -> float:
 
 
 def component(spec, tok, root: Path, precision: str, device: str = "cpu", devices: int = 1,
-              ckpt_dir: Path | None = None) -> tuple[float, int]:
+              ckpt_dir: Path | None = None) -> tuple[float, int, float | None]:
     """(b) The pretrain component end to end; tokens/s from its own throughput meter. `ckpt_dir`: the folder
     the ranks of a DDP run share, as the engine gives them (rank 0 writes the curve there, every rank reads it)."""
     import dataclasses
@@ -145,8 +145,8 @@ def component(spec, tok, root: Path, precision: str, device: str = "cpu", device
     ctx = make_ctx(root, "base", precision, {"tokenizer": tok}, device, devices)
     ctx = dataclasses.replace(ctx, ckpt_dir=ckpt_dir) if ckpt_dir else ctx
     out = pretrain.run(spec, ctx)
-    component.compile_speedup = out.metrics.get("perf/compile_speedup")  # set when compile: auto tried one
-    return out.metrics["perf/tokens_per_s"], int(out.metrics["params/total"])
+    # perf/compile_speedup: there when compile: auto tried a compile
+    return out.metrics["perf/tokens_per_s"], int(out.metrics["params/total"]), out.metrics.get("perf/compile_speedup")
 
 
 def hf_trainer(spec, tok, blocks, root: Path, precision: str, device: str = "cpu") -> float:
@@ -199,7 +199,7 @@ def ddp(spec, tok_result, root: Path, precision: str, device: str, variant: str)
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     shared = Path(tempfile.gettempdir()) / f"bench_pretrain_ddp_{os.environ.get('TORCHELASTIC_RUN_ID', os.getppid())}"
-    rate, params = component(spec, tok_result, root / "ddp", precision, device, world, ckpt_dir=shared / "ckpt")
+    rate, params, _ = component(spec, tok_result, root / "ddp", precision, device, world, ckpt_dir=shared / "ckpt")
     if int(os.environ.get("RANK", "0")) != 0:
         return
     single_file = record.folder() / (f"bench_pretrain.{variant}.json" if variant else "bench_pretrain.json")
@@ -216,19 +216,24 @@ def ddp(spec, tok_result, root: Path, precision: str, device: str, variant: str)
     results.write()
 
 
-def long_run(spec, tok, tok_result, data, root: Path, args, device: str, results: Results) -> None:
-    """(d) the component with `trainer.compile: auto` on a run of --auto-steps steps against (c) Trainer on the
-    same blocks, each timed over its whole run (the component's compile, when auto tries one, included)."""
-    steps = args.auto_steps
-    spec = spec.model_copy(update={"max_steps": steps, "val_every": 10 * steps, "checkpoint_every": 10 * steps})
+def take_blocks(data, steps: int) -> list:
+    """`steps` training batches of the data module, passing over its blocks again as often as needed."""
     blocks, loader = [], iter(data.train_dataloader())
     while len(blocks) < steps:
         try:
             blocks.append(next(loader))
         except StopIteration:
             loader = iter(data.train_dataloader())
-    d, _ = component(spec, tok_result, root / "long", args.precision, device)
-    speedup = component.compile_speedup
+    return blocks
+
+
+def long_run(spec, tok, tok_result, data, root: Path, args, device: str, results: Results) -> None:
+    """(d) the component with `trainer.compile: auto` on a run of --auto-steps steps against (c) Trainer on the
+    same blocks, each timed over its whole run (the component's compile, when auto tries one, included)."""
+    steps = args.auto_steps
+    spec = spec.model_copy(update={"max_steps": steps, "val_every": 10 * steps, "checkpoint_every": 10 * steps})
+    blocks = take_blocks(data, steps)
+    d, _, speedup = component(spec, tok_result, root / "long", args.precision, device)
     c = hf_trainer(spec, tok, blocks, root / "long", args.precision, device)
     decided = f"auto compiled, measured {speedup:.2f}x per step" if speedup else "auto stayed eager"
     print(f"(d) pretrain component, compile auto, {steps} steps: {d:,.0f} tokens/s ({decided}); (c) Trainer "
@@ -280,13 +285,7 @@ def main() -> None:
         return ddp(spec, tok_result, root, args.precision, device, variant)
     data = TokenDataModule(str(tok_result.path("tokens")), context=context, batch_size=batch, seed=0, tokenizer=tok)
     data.setup("fit")
-    loader = iter(data.train_dataloader())
-    blocks = []
-    while len(blocks) < steps:
-        try:
-            blocks.append(next(loader))
-        except StopIteration:
-            loader = iter(data.train_dataloader())
+    blocks = take_blocks(data, steps)
 
     low = torch.bfloat16 if args.precision.startswith("bf16") else torch.float32
     peak = matmul_peak(low, device=device)
@@ -297,7 +296,7 @@ def main() -> None:
     repeats = args.repeats or (2 if args.quick or device == "cuda" else 3)
     for i in range(repeats):
         best["a"] = max(best["a"], hand_loop(spec, tok, blocks, args.precision, device))
-        rate, params = component(spec, tok_result, root / f"round{i}", args.precision, device)
+        rate, params, _ = component(spec, tok_result, root / f"round{i}", args.precision, device)
         best["b"] = max(best["b"], rate)
         best["c"] = max(best["c"], hf_trainer(spec, tok, blocks, root / f"round{i}", args.precision, device))
     a, b, c = best["a"], best["b"], best["c"]

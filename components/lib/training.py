@@ -337,7 +337,12 @@ def should_compile(setting: bool | str, fixed_shapes: bool, generates: bool = Fa
 def worth_trying(step_seconds: float, steps_left: int, device: str) -> bool:
     """Whether a compile costs at most COMPILE_BUDGET of the eager time left, so that trying it is cheap even
     when the compiled step turns out no faster."""
-    return COMPILE_SECONDS["cuda" if device == "cuda" else "cpu"] <= COMPILE_BUDGET * step_seconds * steps_left
+    return expected_compile_seconds(device) <= COMPILE_BUDGET * step_seconds * steps_left
+
+
+def expected_compile_seconds(device: str) -> float:
+    """COMPILE_SECONDS for a torch device type (every non-CUDA device counts as a CPU)."""
+    return COMPILE_SECONDS["cuda" if device == "cuda" else "cpu"]
 
 
 def compile_trained(module: L.LightningModule) -> list[str]:
@@ -392,7 +397,7 @@ class AutoCompile(Callback):
             if not worth_trying(pace, left, device):
                 self.decision = "eager"
                 print(f"{self.step_name}: compile auto: {left} steps left at {pace:.3f} s/step; a compile "
-                      f"(about {COMPILE_SECONDS[device if device == 'cuda' else 'cpu']:.0f} s) would risk more "
+                      f"(about {expected_compile_seconds(device):.0f} s) would risk more "
                       f"than {COMPILE_BUDGET:.0%} of that; staying eager", flush=True)
                 return
             self.names, self.phase, self.started = compile_trained(module), "compiling", None
